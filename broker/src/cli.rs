@@ -1,0 +1,410 @@
+//! The `lienthong` command line: `serve` runs a hub; `send`, `receive`, `status` and `track`
+//! are a client a person can use by hand.
+
+use crate::client::{ExchangeClient, connect};
+use crate::config::Config;
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use lienthong_proto::v1 as wire;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit code for an unusable configuration (EX_USAGE-style, as sysexits' EX_USAGE is 64).
+pub const EXIT_CONFIG: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lienthong",
+    version,
+    about = "A hub for the exchange of official documents between agencies"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Runs a hub.
+    Serve {
+        /// The TOML configuration file.
+        #[arg(long, default_value = "config/lienthong.toml")]
+        config: PathBuf,
+    },
+    /// Sends a document.
+    Send(SendArgs),
+    /// Receives the documents and status reports addressed to an agency, acknowledging each.
+    Receive(ReceiveArgs),
+    /// Reports the processing status of a received document (or, as its sender, requests a recall).
+    Status(StatusArgs),
+    /// Shows every receipt and status of a document, per recipient.
+    Track(TrackArgs),
+}
+
+/// Who the client is and which hub it talks to.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The hub's gRPC endpoint.
+    #[arg(
+        long,
+        env = "LIENTHONG_ENDPOINT",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub endpoint: String,
+    /// The agency code to act as.
+    #[arg(long = "as", env = "LIENTHONG_AGENCY", value_name = "AGENCY")]
+    pub agency: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// A recipient agency code; repeat for several.
+    #[arg(long, required = true)]
+    pub to: Vec<String>,
+    #[arg(long)]
+    pub subject: String,
+    /// The body as text.
+    #[arg(long, conflicts_with = "body_file")]
+    pub body: Option<String>,
+    /// The body read from a file.
+    #[arg(long)]
+    pub body_file: Option<PathBuf>,
+    /// A file to attach; repeat for several.
+    #[arg(long)]
+    pub attach: Vec<PathBuf>,
+    #[arg(long, default_value = "")]
+    pub code_number: String,
+    #[arg(long, default_value = "")]
+    pub code_notation: String,
+    /// Urgency: 0 normal, 1 urgent, 2 very urgent, 3 express, 4 timed express.
+    #[arg(long, default_value_t = 0)]
+    pub priority: u32,
+    /// A document id of your own; resending with the same id is idempotent.
+    #[arg(long, default_value = "")]
+    pub document_id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ReceiveArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Stop after this many deliveries (default: run until interrupted).
+    #[arg(long)]
+    pub count: Option<usize>,
+    /// Show deliveries without acknowledging them (they will be redelivered).
+    #[arg(long)]
+    pub no_ack: bool,
+    /// Write each document's body and attachments under this directory.
+    #[arg(long)]
+    pub save_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[arg(long)]
+    pub document: String,
+    /// 01 arrived, 02 refused, 03 accepted, 04 assigned, 05 in progress, 06 completed,
+    /// 13 recall requested, 15 recall agreed, 16 recall refused.
+    #[arg(long)]
+    pub code: String,
+    #[arg(long, default_value = "")]
+    pub description: String,
+}
+
+#[derive(Debug, Args)]
+pub struct TrackArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[arg(long)]
+    pub document: String,
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Serve { config } => return serve(config).await,
+        Command::Send(args) => send(args).await,
+        Command::Receive(args) => receive(args).await,
+        Command::Status(args) => status(args).await,
+        Command::Track(args) => track(args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("lienthong: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config_path: PathBuf) -> ExitCode {
+    let config = match Config::load(&config_path) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("lienthong: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(config.grpc_listen).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!(
+                "lienthong: cannot listen on {} ([server] grpc_listen): {error}",
+                config.grpc_listen
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    match crate::server::run(config, listener, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("lienthong: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}
+
+async fn client(args: &ClientArgs) -> anyhow::Result<ExchangeClient> {
+    connect(&args.endpoint, &args.agency).await
+}
+
+async fn send(args: SendArgs) -> anyhow::Result<()> {
+    let mut hub = client(&args.client).await?;
+    let body = match (&args.body, &args.body_file) {
+        (Some(text), _) => text.clone().into_bytes(),
+        (None, Some(path)) => {
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))?
+        }
+        (None, None) => Vec::new(),
+    };
+    let mut attachments = Vec::with_capacity(args.attach.len());
+    for path in &args.attach {
+        attachments.push(wire::Attachment {
+            name: path
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            content_type: "application/octet-stream".into(),
+            content: std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+            description: String::new(),
+        });
+    }
+    let document = wire::Document {
+        document_id: args.document_id,
+        from: args.client.agency.clone(),
+        to: args.to,
+        subject: args.subject,
+        code_number: args.code_number,
+        code_notation: args.code_notation,
+        priority: args.priority,
+        body,
+        attachments,
+        ..Default::default()
+    };
+    let response = hub
+        .send(wire::SendRequest {
+            document: Some(document),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!("accepted {}", response.document_id);
+    for receipt in &response.receipts {
+        println!("  {}", describe_receipt(receipt));
+    }
+    Ok(())
+}
+
+async fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
+    let mut hub = client(&args.client).await?;
+    let mut stream = hub
+        .receive(wire::ReceiveRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut received = 0;
+    while args.count.is_none_or(|count| received < count) {
+        let Some(delivery) = stream.message().await.map_err(status_error)? else {
+            break;
+        };
+        received += 1;
+        let redelivered = if delivery.redelivered {
+            " (redelivered)"
+        } else {
+            ""
+        };
+        match &delivery.payload {
+            Some(wire::delivery::Payload::Document(document)) => {
+                println!(
+                    "document {} from {}{redelivered}: {} [{} bytes, {} attachments]",
+                    document.document_id,
+                    document.from,
+                    document.subject,
+                    document.body.len(),
+                    document.attachments.len()
+                );
+                if let Some(dir) = &args.save_dir {
+                    let saved = save_document(dir, document)?;
+                    println!("  saved to {}", saved.display());
+                }
+            }
+            Some(wire::delivery::Payload::Status(status)) => println!(
+                "status {} on {} from {}{redelivered}: {}",
+                status.status_code, status.document_id, status.from, status.description
+            ),
+            None => println!("empty delivery{redelivered}"),
+        }
+        if !args.no_ack {
+            hub.ack(wire::AckRequest {
+                ack_token: delivery.ack_token,
+                reject: false,
+                reason: String::new(),
+            })
+            .await
+            .map_err(status_error)?;
+            println!("  acknowledged");
+        }
+    }
+    Ok(())
+}
+
+/// Writes a document's body and attachments to `dir/<sanitized id>/`.
+fn save_document(dir: &std::path::Path, document: &wire::Document) -> anyhow::Result<PathBuf> {
+    let folder = dir.join(safe_file_name(&document.document_id));
+    std::fs::create_dir_all(&folder).with_context(|| format!("creating {}", folder.display()))?;
+    std::fs::write(folder.join("body"), &document.body)?;
+    for attachment in &document.attachments {
+        std::fs::write(
+            folder.join(safe_file_name(&attachment.name)),
+            &attachment.content,
+        )?;
+    }
+    Ok(folder)
+}
+
+/// A file name with every character outside letters, digits, `-`, `_` and `.` replaced, and no
+/// leading dot, so that names from the network cannot escape the target directory.
+pub fn safe_file_name(name: &str) -> String {
+    let cleaned: String = name
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let cleaned = cleaned.trim_start_matches('.');
+    if cleaned.is_empty() {
+        "_".into()
+    } else {
+        cleaned.to_owned()
+    }
+}
+
+async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let mut hub = client(&args.client).await?;
+    let response = hub
+        .report_status(wire::StatusReport {
+            document_id: args.document,
+            status_code: args.code,
+            description: args.description,
+            ..Default::default()
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    for receipt in &response.receipts {
+        println!("{}", describe_receipt(receipt));
+    }
+    Ok(())
+}
+
+async fn track(args: TrackArgs) -> anyhow::Result<()> {
+    let mut hub = client(&args.client).await?;
+    let response = hub
+        .track(wire::TrackRequest {
+            document_id: args.document,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!("document {}", response.document_id);
+    for recipient in &response.recipients {
+        println!("  {} {}", recipient.agency, recipient.state().as_str_name());
+        for receipt in &recipient.receipts {
+            println!("    {}", describe_receipt(receipt));
+        }
+    }
+    Ok(())
+}
+
+/// One line for a receipt: `#seq KIND agency at ms [status code] [detail]`.
+pub fn describe_receipt(receipt: &wire::Receipt) -> String {
+    let mut line = format!(
+        "#{} {} {} at {}",
+        receipt.seq,
+        receipt
+            .kind()
+            .as_str_name()
+            .trim_start_matches("RECEIPT_KIND_"),
+        receipt.agency,
+        receipt.at_unix_ms
+    );
+    if !receipt.status_code.is_empty() {
+        line.push_str(&format!(
+            " status {} by {}",
+            receipt.status_code, receipt.reported_by
+        ));
+    }
+    if !receipt.detail.is_empty() {
+        line.push_str(&format!(": {}", receipt.detail));
+    }
+    line
+}
+
+fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_from_the_network_stay_inside_the_directory() {
+        assert_eq!(safe_file_name("../../etc/passwd"), "_.._etc_passwd");
+        assert_eq!(
+            safe_file_name("000.21.31.H53,2024/01/01,12/UBND"),
+            "000.21.31.H53_2024_01_01_12_UBND"
+        );
+        assert_eq!(safe_file_name(".."), "_");
+        assert_eq!(safe_file_name("quyết định.pdf"), "quyết_định.pdf");
+    }
+}

@@ -1,0 +1,46 @@
+//! A client of a hub's `DocumentExchange`, identified as one agency: used by the CLI, the
+//! connectors and the tests.
+
+use crate::grpc::AGENCY_METADATA_KEY;
+use lienthong_proto::v1::document_exchange_client::DocumentExchangeClient;
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+/// Largest message the client sends or accepts; above any hub's document limit.
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Adds the caller's agency code to every request.
+#[derive(Debug, Clone)]
+pub struct AgencyIdentity(AsciiMetadataValue);
+
+impl Interceptor for AgencyIdentity {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert(AGENCY_METADATA_KEY, self.0.clone());
+        Ok(request)
+    }
+}
+
+/// A `DocumentExchange` client speaking as one agency.
+pub type ExchangeClient = DocumentExchangeClient<InterceptedService<Channel, AgencyIdentity>>;
+
+/// Connects to `endpoint` (`http://host:port`) as `agency`.
+pub async fn connect(endpoint: &str, agency: &str) -> anyhow::Result<ExchangeClient> {
+    let identity = AsciiMetadataValue::try_from(agency)
+        .map_err(|_| anyhow::anyhow!("agency code `{agency}` is not valid metadata"))?;
+    let channel = Endpoint::from_shared(endpoint.to_owned())?
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to the hub at {endpoint}: {e}"))?;
+    Ok(
+        DocumentExchangeClient::with_interceptor(channel, AgencyIdentity(identity))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
+}

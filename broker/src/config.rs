@@ -1,0 +1,435 @@
+//! The hub's configuration: the TOML file's shape, its defaults, and its validation.
+//!
+//! Keys are part of the contract (operators' files must keep working). Every error is one line
+//! naming the key, and the binary exits with code 64 on it.
+
+use crate::agency::AgencyCode;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The validated configuration the hub runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This hub's own agency code; written into every receipt.
+    pub hub_code: AgencyCode,
+    pub grpc_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub transport: TransportConfig,
+    pub directory_file: PathBuf,
+    pub limits: Limits,
+    pub delivery: DeliveryConfig,
+}
+
+/// Which transport carries documents between the outbox and recipients' streams.
+#[derive(Clone, PartialEq, Eq)]
+pub enum TransportConfig {
+    /// Queues kept in the hub's own sled database: one process, no RabbitMQ.
+    Embedded { prefix: String },
+    /// RabbitMQ over AMQP 0-9-1: the production transport.
+    Amqp { url: String, prefix: String },
+}
+
+impl TransportConfig {
+    /// The namespace of every exchange and queue this hub declares.
+    pub fn prefix(&self) -> &str {
+        match self {
+            TransportConfig::Embedded { prefix } | TransportConfig::Amqp { prefix, .. } => prefix,
+        }
+    }
+}
+
+impl std::fmt::Debug for TransportConfig {
+    // The AMQP URL may carry a password, so it never reaches a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TransportConfig::Embedded { prefix } => {
+                f.debug_struct("Embedded").field("prefix", prefix).finish()
+            }
+            TransportConfig::Amqp { url, prefix } => f
+                .debug_struct("Amqp")
+                .field("url", &redact_url_password(url))
+                .field("prefix", prefix)
+                .finish(),
+        }
+    }
+}
+
+/// Bounds on what a caller may ask of the hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest document accepted, body and attachments together.
+    pub max_document_bytes: usize,
+    /// Most recipients one document may have.
+    pub max_recipients: usize,
+    /// Most messages waiting in the outbox before `Send` answers `UNAVAILABLE`.
+    pub max_outbox_messages: u64,
+}
+
+/// How documents are handed to recipients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryConfig {
+    /// Deliveries a `Receive` stream may hold unacknowledged.
+    pub prefetch: u16,
+    /// Deliveries of one message before it goes to the dead letters.
+    pub delivery_limit: u32,
+    /// How long a graceful shutdown waits for work in progress.
+    pub shutdown_grace: Duration,
+}
+
+/// A configuration that cannot be used, in one line.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration {path}: {message}")]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigToml {
+    hub: HubToml,
+    #[serde(default)]
+    server: ServerToml,
+    #[serde(default)]
+    storage: StorageToml,
+    #[serde(default)]
+    transport: TransportToml,
+    #[serde(default)]
+    directory: DirectoryToml,
+    #[serde(default)]
+    limits: LimitsToml,
+    #[serde(default)]
+    delivery: DeliveryToml,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HubToml {
+    code: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ServerToml {
+    grpc_listen: String,
+    http_listen: String,
+}
+
+impl Default for ServerToml {
+    fn default() -> Self {
+        ServerToml {
+            grpc_listen: "127.0.0.1:50051".into(),
+            http_listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct StorageToml {
+    data_dir: PathBuf,
+}
+
+impl Default for StorageToml {
+    fn default() -> Self {
+        StorageToml {
+            data_dir: "data".into(),
+        }
+    }
+}
+
+#[derive(Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum TransportKind {
+    #[default]
+    Embedded,
+    Amqp,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct TransportToml {
+    kind: TransportKind,
+    amqp_url: String,
+    prefix: String,
+}
+
+impl Default for TransportToml {
+    fn default() -> Self {
+        TransportToml {
+            kind: TransportKind::Embedded,
+            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            prefix: "lienthong".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct DirectoryToml {
+    file: PathBuf,
+}
+
+impl Default for DirectoryToml {
+    fn default() -> Self {
+        DirectoryToml {
+            file: "config/agencies.toml".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct LimitsToml {
+    max_document_bytes: usize,
+    max_recipients: usize,
+    max_outbox_messages: u64,
+}
+
+impl Default for LimitsToml {
+    fn default() -> Self {
+        LimitsToml {
+            max_document_bytes: 16 * 1024 * 1024,
+            max_recipients: 1000,
+            max_outbox_messages: 1_000_000,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct DeliveryToml {
+    prefetch: u16,
+    delivery_limit: u32,
+    shutdown_grace_ms: u64,
+}
+
+impl Default for DeliveryToml {
+    fn default() -> Self {
+        DeliveryToml {
+            prefetch: 64,
+            delivery_limit: 10,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let error = |message: String| ConfigError {
+            path: path.display().to_string(),
+            message,
+        };
+        let text =
+            std::fs::read_to_string(path).map_err(|e| error(format!("cannot read it: {e}")))?;
+        Config::parse_and_validate(&text).map_err(error)
+    }
+
+    /// Parses TOML text; the error names the key at fault.
+    pub fn parse_and_validate(text: &str) -> Result<Config, String> {
+        let parsed: ConfigToml = toml::from_str(text).map_err(|e| one_line_toml_error(text, &e))?;
+        // Destructured field by field, so that a key added to the file cannot be forgotten here.
+        let ConfigToml {
+            hub: HubToml { code },
+            server:
+                ServerToml {
+                    grpc_listen,
+                    http_listen,
+                },
+            storage: StorageToml { data_dir },
+            transport:
+                TransportToml {
+                    kind,
+                    amqp_url,
+                    prefix,
+                },
+            directory: DirectoryToml {
+                file: directory_file,
+            },
+            limits:
+                LimitsToml {
+                    max_document_bytes,
+                    max_recipients,
+                    max_outbox_messages,
+                },
+            delivery:
+                DeliveryToml {
+                    prefetch,
+                    delivery_limit,
+                    shutdown_grace_ms,
+                },
+        } = parsed;
+
+        let hub_code = code.parse().map_err(|e| format!("[hub] code: {e}"))?;
+        let grpc_listen = grpc_listen.parse().map_err(|e| {
+            format!("[server] grpc_listen: `{grpc_listen}` is not a socket address: {e}")
+        })?;
+        let http_listen = http_listen.parse().map_err(|e| {
+            format!("[server] http_listen: `{http_listen}` is not a socket address: {e}")
+        })?;
+        if prefix.is_empty()
+            || !prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+        {
+            return Err(format!(
+                "[transport] prefix: `{prefix}` must be non-empty and use only letters, digits, `-` and `_`"
+            ));
+        }
+        let transport = match kind {
+            TransportKind::Embedded => TransportConfig::Embedded { prefix },
+            TransportKind::Amqp => {
+                if !(amqp_url.starts_with("amqp://") || amqp_url.starts_with("amqps://")) {
+                    return Err("[transport] amqp_url: must start with amqp:// or amqps://".into());
+                }
+                TransportConfig::Amqp {
+                    url: amqp_url,
+                    prefix,
+                }
+            }
+        };
+        if max_document_bytes == 0 {
+            return Err("[limits] max_document_bytes: must be greater than 0".into());
+        }
+        if max_recipients == 0 {
+            return Err("[limits] max_recipients: must be greater than 0".into());
+        }
+        if prefetch == 0 {
+            return Err("[delivery] prefetch: must be greater than 0".into());
+        }
+        if delivery_limit == 0 {
+            return Err("[delivery] delivery_limit: must be greater than 0".into());
+        }
+        Ok(Config {
+            hub_code,
+            grpc_listen,
+            http_listen,
+            data_dir,
+            transport,
+            directory_file,
+            limits: Limits {
+                max_document_bytes,
+                max_recipients,
+                max_outbox_messages,
+            },
+            delivery: DeliveryConfig {
+                prefetch,
+                delivery_limit,
+                shutdown_grace: Duration::from_millis(shutdown_grace_ms),
+            },
+        })
+    }
+}
+
+/// Turns a TOML error (several lines with a snippet) into one line with the line number.
+pub(crate) fn one_line_toml_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim().replace('\n', " ");
+    match error.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {message}")
+        }
+        None => message,
+    }
+}
+
+/// Replaces the password of a `scheme://user:password@host` URL with `***`.
+pub fn redact_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((credentials, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match credentials.split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_parses() {
+        let config = Config::parse_and_validate(
+            r#"
+[hub]
+code = "000.00.00.H53"
+[server]
+grpc_listen = "127.0.0.1:50051"
+http_listen = "127.0.0.1:9464"
+[storage]
+data_dir = "data"
+[transport]
+kind = "amqp"
+amqp_url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+prefix = "lienthong"
+[directory]
+file = "config/agencies.toml"
+[limits]
+max_document_bytes = 16777216
+"#,
+        )
+        .expect("valid");
+        assert_eq!(config.hub_code.as_str(), "000.00.00.H53");
+        assert_eq!(config.transport.prefix(), "lienthong");
+        assert!(matches!(config.transport, TransportConfig::Amqp { .. }));
+        assert_eq!(config.limits.max_document_bytes, 16 * 1024 * 1024);
+    }
+
+    #[test]
+    fn wrong_and_missing_keys_are_named_on_one_line() {
+        let cases = [
+            (
+                "[hub]\ncode = \"000.00.00.H53\"\n[server]\ngrpc_lisen = \"x\"\n",
+                "grpc_lisen",
+            ),
+            ("[server]\ngrpc_listen = \"127.0.0.1:1\"\n", "hub"),
+            ("[hub]\n", "code"),
+            ("[hub]\ncode = \"H53\"\n", "[hub] code"),
+            (
+                "[hub]\ncode = \"000.00.00.H53\"\n[transport]\nkind = \"kafka\"\n",
+                "kafka",
+            ),
+            (
+                "[hub]\ncode = \"000.00.00.H53\"\n[server]\ngrpc_listen = \"nowhere\"\n",
+                "[server] grpc_listen",
+            ),
+            (
+                "[hub]\ncode = \"000.00.00.H53\"\n[transport]\nprefix = \"a b\"\n",
+                "[transport] prefix",
+            ),
+            (
+                "[hub]\ncode = \"000.00.00.H53\"\n[limits]\nmax_document_bytes = \"big\"\n",
+                "line 4",
+            ),
+        ];
+        for (text, expected) in cases {
+            let error = Config::parse_and_validate(text).expect_err(text);
+            assert!(
+                error.contains(expected),
+                "`{error}` should name `{expected}`"
+            );
+            assert!(!error.contains('\n'), "`{error}` should be one line");
+        }
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url_password("amqp://guest:secret@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        let config = Config::parse_and_validate(
+            "[hub]\ncode = \"000.00.00.H53\"\n[transport]\nkind = \"amqp\"\namqp_url = \"amqp://u:hunter2@h/\"\n",
+        )
+        .expect("valid");
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,115 @@
+//! The gRPC face of the hub: `lienthong.v1.DocumentExchange`, the caller's identity, and the
+//! conversion of hub results and errors into gRPC responses and statuses.
+
+use crate::agency::AgencyCode;
+use crate::error::HubError;
+use crate::hub::Hub;
+use crate::transport::Transport;
+use futures_util::Stream;
+use lienthong_proto::v1 as wire;
+use lienthong_proto::v1::document_exchange_server::DocumentExchange;
+use std::pin::Pin;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+/// The metadata key that carries the caller's agency code while mutual TLS is not configured.
+pub const AGENCY_METADATA_KEY: &str = "x-lienthong-agency";
+
+/// The `DocumentExchange` service over a hub.
+#[derive(Debug)]
+pub struct ExchangeService<T: Transport> {
+    hub: Hub<T>,
+    shutdown: CancellationToken,
+}
+
+impl<T: Transport> ExchangeService<T> {
+    /// `shutdown` ends every open `Receive` stream, so that a graceful stop does not wait on them.
+    pub fn new(hub: Hub<T>, shutdown: CancellationToken) -> Self {
+        ExchangeService { hub, shutdown }
+    }
+}
+
+/// The caller's agency, from the `x-lienthong-agency` metadata.
+pub fn caller_identity<R>(request: &Request<R>) -> Result<AgencyCode, HubError> {
+    let value = request.metadata().get(AGENCY_METADATA_KEY).ok_or_else(|| {
+        HubError::Unauthenticated(format!("the `{AGENCY_METADATA_KEY}` metadata is required"))
+    })?;
+    let value = value
+        .to_str()
+        .map_err(|_| HubError::Unauthenticated(format!("`{AGENCY_METADATA_KEY}` is not text")))?;
+    value
+        .parse()
+        .map_err(|e| HubError::Unauthenticated(format!("{AGENCY_METADATA_KEY}: {e}")))
+}
+
+type DeliveryStream = Pin<Box<dyn Stream<Item = Result<wire::Delivery, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<T: Transport> DocumentExchange for ExchangeService<T> {
+    async fn send(
+        &self,
+        request: Request<wire::SendRequest>,
+    ) -> Result<Response<wire::SendResponse>, Status> {
+        let caller = caller_identity(&request)?;
+        let outcome = self
+            .hub
+            .send(&caller, request.into_inner().document)
+            .await?;
+        Ok(Response::new(wire::SendResponse {
+            document_id: outcome.document_id,
+            receipts: outcome.receipts,
+        }))
+    }
+
+    type ReceiveStream = DeliveryStream;
+
+    async fn receive(
+        &self,
+        request: Request<wire::ReceiveRequest>,
+    ) -> Result<Response<DeliveryStream>, Status> {
+        let caller = caller_identity(&request)?;
+        let deliveries = self
+            .hub
+            .receive(&caller, self.shutdown.child_token())
+            .await?;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(deliveries);
+        let stream =
+            futures_util::StreamExt::map(stream, |delivery| delivery.map_err(Status::from));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn ack(
+        &self,
+        request: Request<wire::AckRequest>,
+    ) -> Result<Response<wire::AckResponse>, Status> {
+        let caller = caller_identity(&request)?;
+        let wire::AckRequest {
+            ack_token,
+            reject,
+            reason,
+        } = request.into_inner();
+        self.hub.ack(&caller, &ack_token, reject, &reason).await?;
+        Ok(Response::new(wire::AckResponse {}))
+    }
+
+    async fn report_status(
+        &self,
+        request: Request<wire::StatusReport>,
+    ) -> Result<Response<wire::ReportStatusResponse>, Status> {
+        let caller = caller_identity(&request)?;
+        let receipts = self
+            .hub
+            .report_status(&caller, request.into_inner())
+            .await?;
+        Ok(Response::new(wire::ReportStatusResponse { receipts }))
+    }
+
+    async fn track(
+        &self,
+        request: Request<wire::TrackRequest>,
+    ) -> Result<Response<wire::TrackResponse>, Status> {
+        let caller = caller_identity(&request)?;
+        let response = self.hub.track(&caller, &request.into_inner().document_id)?;
+        Ok(Response::new(response))
+    }
+}

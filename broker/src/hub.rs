@@ -1,0 +1,455 @@
+//! The hub's use cases, independent of gRPC: send, receive, acknowledge, report status, track.
+//!
+//! Each operation checks its input and the caller's rights first, so that a refused request
+//! changes nothing; then it writes to the store, waits for durability, and only then answers.
+
+use crate::agency::AgencyCode;
+use crate::config::Config;
+use crate::directory::AgencyDirectory;
+use crate::document::{Document, DocumentLimits, check_document_id};
+use crate::error::HubError;
+use crate::receipt::{delivery_state, status_reports};
+use crate::status::{Reporter, StatusCode};
+use crate::store::{Acceptance, MessageRef, Store};
+use crate::transport::{Acknowledge, Inbound, Subscription, Transport};
+use lienthong_proto::v1 as wire;
+use prost::Message;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+/// Longest status description accepted, in bytes.
+const MAX_STATUS_DESCRIPTION_BYTES: usize = 4096;
+
+type AckerOf<T> = <<T as Transport>::Subscription as Subscription>::Acker;
+
+/// The hub: cheap to clone, shared by the gRPC service and the outbox publisher.
+#[derive(Debug)]
+pub struct Hub<T: Transport> {
+    inner: Arc<HubInner<T>>,
+}
+
+impl<T: Transport> Clone for Hub<T> {
+    fn clone(&self) -> Self {
+        Hub {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct HubInner<T: Transport> {
+    config: Config,
+    store: Store,
+    transport: T,
+    directory: AgencyDirectory,
+    outbox_wakeup: Notify,
+    pending_acks: Mutex<HashMap<String, PendingAck<AckerOf<T>>>>,
+}
+
+/// A delivery shown on a stream and not yet settled.
+#[derive(Debug)]
+struct PendingAck<A> {
+    stream_id: u64,
+    message: MessageRef,
+    acker: A,
+}
+
+/// What `Send` answers.
+#[derive(Debug)]
+pub struct SendOutcome {
+    pub document_id: String,
+    pub receipts: Vec<wire::Receipt>,
+}
+
+impl<T: Transport> Hub<T> {
+    pub fn new(config: Config, store: Store, transport: T, directory: AgencyDirectory) -> Self {
+        Hub {
+            inner: Arc::new(HubInner {
+                config,
+                store,
+                transport,
+                directory,
+                outbox_wakeup: Notify::new(),
+                pending_acks: Mutex::default(),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn transport(&self) -> &T {
+        &self.inner.transport
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Wakes the outbox publisher; it also polls on its own.
+    pub(crate) fn outbox_wakeup(&self) -> &Notify {
+        &self.inner.outbox_wakeup
+    }
+
+    /// Takes durable custody of a document sent by `caller`.
+    pub async fn send(
+        &self,
+        caller: &AgencyCode,
+        document: Option<wire::Document>,
+    ) -> Result<SendOutcome, HubError> {
+        let inner = &*self.inner;
+        let document =
+            document.ok_or_else(|| HubError::invalid("document", "a document is required"))?;
+        let limits = DocumentLimits {
+            max_document_bytes: inner.config.limits.max_document_bytes,
+            max_recipients: inner.config.limits.max_recipients,
+        };
+        let document = Document::from_wire(document, limits, now_unix_ms())?;
+        if &document.from != caller {
+            return Err(HubError::PermissionDenied(format!(
+                "document.from: agency {caller} may send only as itself, not as {}",
+                document.from
+            )));
+        }
+        if !inner.directory.contains(&document.from) {
+            return Err(HubError::NotFound(format!(
+                "document.from: agency {} is not in the hub's directory",
+                document.from
+            )));
+        }
+        for (index, recipient) in document.to.iter().enumerate() {
+            if !inner.directory.contains(recipient) {
+                return Err(HubError::NotFound(format!(
+                    "document.to[{index}]: agency {recipient} is not in the hub's directory"
+                )));
+            }
+        }
+        let waiting = inner.store.outbox_len();
+        let bound = inner.config.limits.max_outbox_messages;
+        if waiting + document.to.len() as u64 > bound {
+            return Err(HubError::Unavailable(format!(
+                "the outbox holds {waiting} messages and its bound is {bound} (limits.max_outbox_messages); retry later"
+            )));
+        }
+
+        let receipts = match inner.store.accept_document(&document, now_unix_ms())? {
+            Acceptance::Accepted(receipts) | Acceptance::AlreadyAccepted(receipts) => receipts,
+            Acceptance::Conflict => {
+                return Err(HubError::AlreadyExists(format!(
+                    "document.document_id: {} was already sent with other content",
+                    document.id
+                )));
+            }
+        };
+        inner.store.durable().await?;
+        inner.outbox_wakeup.notify_one();
+        tracing::debug!(document_id = %document.id, recipients = document.to.len(), "document accepted");
+        Ok(SendOutcome {
+            document_id: document.id,
+            receipts,
+        })
+    }
+
+    /// Opens `caller`'s queue as a stream of deliveries. The stream ends when the receiver is
+    /// dropped or `shutdown` fires; its unsettled deliveries then return to the queue.
+    pub async fn receive(
+        &self,
+        caller: &AgencyCode,
+        shutdown: CancellationToken,
+    ) -> Result<mpsc::Receiver<Result<wire::Delivery, HubError>>, HubError> {
+        if !self.inner.directory.contains(caller) {
+            return Err(HubError::NotFound(format!(
+                "agency {caller} is not in the hub's directory"
+            )));
+        }
+        let prefetch = self.inner.config.delivery.prefetch;
+        let subscription = self.inner.transport.subscribe(caller, prefetch).await?;
+        let (sender, receiver) = mpsc::channel(usize::from(prefetch));
+        let hub = self.clone();
+        let caller = caller.clone();
+        let stream_id = rand::random::<u64>();
+        tokio::spawn(async move {
+            hub.deliver(caller, stream_id, subscription, sender, shutdown)
+                .await;
+            hub.pending_acks()
+                .retain(|_, pending| pending.stream_id != stream_id);
+        });
+        Ok(receiver)
+    }
+
+    async fn deliver(
+        &self,
+        caller: AgencyCode,
+        stream_id: u64,
+        mut subscription: T::Subscription,
+        sender: mpsc::Sender<Result<wire::Delivery, HubError>>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let inbound = tokio::select! {
+                inbound = subscription.next() => inbound,
+                () = sender.closed() => return,
+                () = shutdown.cancelled() => return,
+            };
+            let inbound = match inbound {
+                Ok(inbound) => inbound,
+                Err(error) => {
+                    tracing::warn!(agency = %caller, %error, "delivery stream interrupted");
+                    let _ = sender.send(Err(HubError::Transport(error))).await;
+                    return;
+                }
+            };
+            match self.prepare_delivery(&caller, stream_id, inbound).await {
+                Ok(Some(delivery)) => {
+                    if sender.send(Ok(delivery)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::error!(agency = %caller, %error, "cannot record a delivery");
+                    let _ = sender.send(Err(error)).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Turns a message from the queue into a delivery, or settles it at once when it must not
+    /// be shown (already acknowledged, unreadable, or misrouted).
+    async fn prepare_delivery(
+        &self,
+        caller: &AgencyCode,
+        stream_id: u64,
+        inbound: Inbound<AckerOf<T>>,
+    ) -> Result<Option<wire::Delivery>, HubError> {
+        let store = &self.inner.store;
+        let message = match wire::QueuedMessage::decode(inbound.payload.as_slice()) {
+            Ok(message) if message.recipient == caller.as_str() => message,
+            Ok(message) => {
+                tracing::error!(agency = %caller, recipient = %message.recipient, "misrouted message sent to the dead letters");
+                let _ = inbound.acker.dead_letter().await;
+                return Ok(None);
+            }
+            Err(error) => {
+                tracing::error!(agency = %caller, %error, "unreadable message sent to the dead letters");
+                let _ = inbound.acker.dead_letter().await;
+                return Ok(None);
+            }
+        };
+        if store.is_acknowledged(&message.message_id, caller.as_str())? {
+            tracing::debug!(message_id = %message.message_id, agency = %caller, "dropping a redelivery of an acknowledged message");
+            let _ = inbound.acker.ack().await;
+            return Ok(None);
+        }
+        let (payload, document_id) = match message.payload {
+            Some(wire::queued_message::Payload::Document(document)) => {
+                let id = document.document_id.clone();
+                (wire::delivery::Payload::Document(document), Some(id))
+            }
+            Some(wire::queued_message::Payload::Status(status)) => {
+                (wire::delivery::Payload::Status(status), None)
+            }
+            None => {
+                tracing::error!(agency = %caller, "message without payload sent to the dead letters");
+                let _ = inbound.acker.dead_letter().await;
+                return Ok(None);
+            }
+        };
+        let message_ref = MessageRef {
+            message_id: message.message_id,
+            recipient: caller.clone(),
+            document_id,
+        };
+        let shown_before = store.mark_delivered(&message_ref, now_unix_ms())?;
+        store.durable().await?;
+        let ack_token = format!("{:032x}", rand::random::<u128>());
+        self.pending_acks().insert(
+            ack_token.clone(),
+            PendingAck {
+                stream_id,
+                message: message_ref,
+                acker: inbound.acker,
+            },
+        );
+        Ok(Some(wire::Delivery {
+            ack_token,
+            redelivered: inbound.redelivered || shown_before,
+            payload: Some(payload),
+        }))
+    }
+
+    /// Settles a delivery: acknowledged ones are never shown again; rejected ones are retried.
+    pub async fn ack(
+        &self,
+        caller: &AgencyCode,
+        ack_token: &str,
+        reject: bool,
+        reason: &str,
+    ) -> Result<(), HubError> {
+        let pending = {
+            let mut pending_acks = self.pending_acks();
+            match pending_acks.get(ack_token) {
+                None => {
+                    return Err(HubError::FailedPrecondition(format!(
+                        "ack_token `{}` is unknown or its stream has closed; the delivery will be redelivered",
+                        ack_token.chars().take(64).collect::<String>()
+                    )));
+                }
+                Some(pending) if &pending.message.recipient != caller => {
+                    return Err(HubError::PermissionDenied(format!(
+                        "ack_token: agency {caller} may settle only its own deliveries"
+                    )));
+                }
+                Some(_) => pending_acks
+                    .remove(ack_token)
+                    .expect("present under the lock"),
+            }
+        };
+        let store = &self.inner.store;
+        if reject {
+            store.mark_rejected(&pending.message, reason, now_unix_ms())?;
+            store.durable().await?;
+            if let Err(error) = pending.acker.requeue().await {
+                tracing::debug!(%error, "requeue after reject failed; the transport will redeliver");
+            }
+        } else {
+            store.mark_acknowledged(&pending.message, now_unix_ms())?;
+            store.durable().await?;
+            if let Err(error) = pending.acker.ack().await {
+                // The acknowledgement is on disk: a redelivery will be recognised and dropped.
+                tracing::debug!(%error, "transport ack failed after the acknowledgement was recorded");
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a status report and routes it to the other party of the document.
+    pub async fn report_status(
+        &self,
+        caller: &AgencyCode,
+        mut report: wire::StatusReport,
+    ) -> Result<Vec<wire::Receipt>, HubError> {
+        let code: StatusCode = report
+            .status_code
+            .parse()
+            .map_err(|reason| HubError::invalid("status_code", reason))?;
+        check_document_id("document_id", &report.document_id, false)?;
+        if report.description.len() > MAX_STATUS_DESCRIPTION_BYTES {
+            return Err(HubError::ResourceExhausted(format!(
+                "description: longer than {MAX_STATUS_DESCRIPTION_BYTES} bytes"
+            )));
+        }
+        let document = self.known_document(&report.document_id)?;
+        let sender = parse_stored_code(&document.from)?;
+        let recipients = document
+            .to
+            .iter()
+            .map(|code| parse_stored_code(code))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (about, targets) = match code.reporter() {
+            Reporter::Recipient => {
+                if !recipients.contains(caller) {
+                    return Err(HubError::PermissionDenied(format!(
+                        "status {code} on {}: agency {caller} is not a recipient of this document",
+                        report.document_id
+                    )));
+                }
+                (vec![caller.clone()], vec![sender])
+            }
+            Reporter::Sender => {
+                if &sender != caller {
+                    return Err(HubError::PermissionDenied(format!(
+                        "status {code} on {}: only the sender may request a recall, not agency {caller}",
+                        report.document_id
+                    )));
+                }
+                (recipients.clone(), recipients)
+            }
+        };
+        let now = now_unix_ms();
+        report.from = caller.to_string();
+        report.at_unix_ms = now;
+        let receipts = self
+            .inner
+            .store
+            .accept_status_report(&report, &about, &targets, now)?;
+        self.inner.store.durable().await?;
+        self.inner.outbox_wakeup.notify_one();
+        Ok(receipts)
+    }
+
+    /// Every receipt and status of a document, per recipient; for its sender and recipients.
+    pub fn track(
+        &self,
+        caller: &AgencyCode,
+        document_id: &str,
+    ) -> Result<wire::TrackResponse, HubError> {
+        check_document_id("document_id", document_id, false)?;
+        let document = self.known_document(document_id)?;
+        let involved =
+            document.from == caller.as_str() || document.to.iter().any(|to| to == caller.as_str());
+        if !involved {
+            return Err(HubError::PermissionDenied(format!(
+                "agency {caller} neither sent nor received document {document_id}"
+            )));
+        }
+        let receipts = self.inner.store.receipts_of(document_id)?;
+        let recipients = document
+            .to
+            .iter()
+            .map(|agency| {
+                let own: Vec<wire::Receipt> = receipts
+                    .iter()
+                    .filter(|r| &r.agency == agency)
+                    .cloned()
+                    .collect();
+                wire::RecipientTrace {
+                    agency: agency.clone(),
+                    state: delivery_state(&own) as i32,
+                    statuses: status_reports(document_id, &own),
+                    receipts: own,
+                }
+            })
+            .collect();
+        Ok(wire::TrackResponse {
+            document_id: document_id.to_owned(),
+            recipients,
+        })
+    }
+
+    fn known_document(&self, document_id: &str) -> Result<wire::StoredDocument, HubError> {
+        self.inner.store.document(document_id)?.ok_or_else(|| {
+            HubError::NotFound(format!(
+                "document_id: {document_id} is not known to this hub"
+            ))
+        })
+    }
+
+    fn pending_acks(&self) -> MutexGuard<'_, HashMap<String, PendingAck<AckerOf<T>>>> {
+        // Every update of the map is a single insert, remove or retain, so it stays consistent
+        // even if a holder panicked.
+        self.inner
+            .pending_acks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn parse_stored_code(code: &str) -> Result<AgencyCode, HubError> {
+    code.parse().map_err(|e| {
+        HubError::Store(crate::store::StoreError::Corrupt(format!(
+            "stored agency code: {e}"
+        )))
+    })
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,30 @@
+//! lienthong: a hub for the exchange of official documents between government agencies.
+//!
+//! # Layout
+//! - [`agency`], [`directory`]: agency codes and the directory of agencies the hub serves.
+//! - [`document`], [`status`], [`receipt`]: the domain — validated documents, status codes,
+//!   receipts and the delivery state they add up to.
+//! - [`store`]: durable custody in sled — documents, the outbox, receipts, settled deliveries.
+//! - [`transport`]: how messages reach recipients — RabbitMQ ([`transport::amqp`]) or queues
+//!   embedded in sled ([`transport::embedded`]).
+//! - [`hub`]: the use cases (send, receive, ack, report status, track).
+//! - [`publisher`]: moves the outbox to the transport.
+//! - [`grpc`], [`server`]: the gRPC service and the server that runs it all.
+//! - [`client`], [`cli`]: the client side, for people and tests.
+//! - [`config`], [`error`]: configuration and the errors callers see.
+
+pub mod agency;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod directory;
+pub mod document;
+pub mod error;
+pub mod grpc;
+pub mod hub;
+pub mod publisher;
+pub mod receipt;
+pub mod server;
+pub mod status;
+pub mod store;
+pub mod transport;

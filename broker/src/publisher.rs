@@ -1,0 +1,80 @@
+//! The outbox publisher: moves accepted messages from sled to the transport, most urgent first,
+//! and removes each one (writing its ENQUEUED receipt) only after a positive confirm.
+
+use crate::hub::{Hub, now_unix_ms};
+use crate::transport::{OutboundMessage, Transport};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Messages published concurrently; their confirms are awaited together.
+const BATCH: usize = 128;
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often an idle publisher looks at the outbox without being woken.
+const IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// Runs until `shutdown`. A message whose publish fails stays in the outbox and is retried with
+/// backoff, so an outage of the transport delays messages but never loses them.
+pub async fn run<T: Transport>(hub: Hub<T>, shutdown: CancellationToken) {
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let store = hub.store();
+        let batch = match store.outbox_batch(BATCH) {
+            Ok(batch) => batch,
+            Err(error) => {
+                tracing::error!(%error, "cannot read the outbox");
+                if sleep_or_shutdown(MAX_BACKOFF, &shutdown).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            tokio::select! {
+                () = hub.outbox_wakeup().notified() => {}
+                () = tokio::time::sleep(IDLE_POLL) => {}
+                () = shutdown.cancelled() => return,
+            }
+            continue;
+        }
+        let publishes = batch.iter().map(|pending| {
+            hub.transport().publish(OutboundMessage {
+                routing_key: &pending.recipient,
+                message_id: &pending.message_id,
+                payload: &pending.payload,
+            })
+        });
+        let results = futures_util::future::join_all(publishes).await;
+        let mut first_failure = None;
+        for (pending, result) in batch.iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    if let Err(error) = store.mark_enqueued(pending, now_unix_ms()) {
+                        tracing::error!(%error, message_id = %pending.message_id, "cannot record a confirmed publish");
+                    }
+                }
+                Err(error) => {
+                    first_failure.get_or_insert((error, pending.recipient.clone()));
+                }
+            }
+        }
+        match first_failure {
+            None => backoff = MIN_BACKOFF,
+            Some((error, recipient)) => {
+                tracing::warn!(%error, %recipient, retry_in = ?backoff, waiting = store.outbox_len(), "publishing from the outbox failed");
+                if sleep_or_shutdown(backoff, &shutdown).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// Sleeps; returns true if shutdown came first.
+async fn sleep_or_shutdown(duration: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(duration) => false,
+        () = shutdown.cancelled() => true,
+    }
+}

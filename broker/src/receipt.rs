@@ -1,0 +1,100 @@
+//! Receipts: the record of every state change of a document for one recipient, and the
+//! delivery state a recipient's receipts add up to.
+//!
+//! Receipts are written by the store and read back in their record form, `wire::Receipt`,
+//! which is also what callers and auditors are shown.
+
+use lienthong_proto::v1 as wire;
+
+pub use wire::{DeliveryState, ReceiptKind};
+
+/// The delivery state a recipient's receipts (in sequence order) add up to.
+///
+/// Acknowledged and dead-lettered are final; a rejection is superseded by a later delivery.
+pub fn delivery_state<'a>(receipts: impl IntoIterator<Item = &'a wire::Receipt>) -> DeliveryState {
+    let mut state = DeliveryState::Pending;
+    for receipt in receipts {
+        if matches!(
+            state,
+            DeliveryState::Acknowledged | DeliveryState::DeadLettered
+        ) {
+            break;
+        }
+        state = match receipt.kind() {
+            ReceiptKind::Delivered => DeliveryState::Delivered,
+            ReceiptKind::Acknowledged => DeliveryState::Acknowledged,
+            ReceiptKind::Rejected => DeliveryState::Rejected,
+            ReceiptKind::DeadLettered => DeliveryState::DeadLettered,
+            ReceiptKind::Accepted
+            | ReceiptKind::Enqueued
+            | ReceiptKind::StatusReported
+            | ReceiptKind::Unspecified => state,
+        };
+    }
+    state
+}
+
+/// The status reports among a recipient's receipts, as callers see them.
+pub fn status_reports<'a>(
+    document_id: &str,
+    receipts: impl IntoIterator<Item = &'a wire::Receipt>,
+) -> Vec<wire::StatusReport> {
+    receipts
+        .into_iter()
+        .filter(|r| r.kind() == ReceiptKind::StatusReported)
+        .map(|r| wire::StatusReport {
+            document_id: document_id.to_owned(),
+            status_code: r.status_code.clone(),
+            description: r.detail.clone(),
+            from: r.reported_by.clone(),
+            at_unix_ms: r.at_unix_ms,
+            staff: String::new(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn receipt(kind: ReceiptKind) -> wire::Receipt {
+        wire::Receipt {
+            kind: kind as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn states_follow_the_receipts() {
+        use ReceiptKind::*;
+        let cases = [
+            (vec![], DeliveryState::Pending),
+            (vec![Accepted, Enqueued], DeliveryState::Pending),
+            (
+                vec![Accepted, Enqueued, Delivered],
+                DeliveryState::Delivered,
+            ),
+            (vec![Accepted, Delivered, Rejected], DeliveryState::Rejected),
+            (
+                vec![Accepted, Delivered, Rejected, Delivered],
+                DeliveryState::Delivered,
+            ),
+            (
+                vec![Accepted, Delivered, Acknowledged, StatusReported],
+                DeliveryState::Acknowledged,
+            ),
+            (
+                vec![Accepted, Delivered, Acknowledged, Delivered],
+                DeliveryState::Acknowledged,
+            ),
+            (
+                vec![Delivered, Rejected, DeadLettered, Delivered],
+                DeliveryState::DeadLettered,
+            ),
+        ];
+        for (kinds, expected) in cases {
+            let receipts: Vec<_> = kinds.iter().map(|k| receipt(*k)).collect();
+            assert_eq!(delivery_state(&receipts), expected, "{kinds:?}");
+        }
+    }
+}

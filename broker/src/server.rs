@@ -1,0 +1,135 @@
+//! Starting and stopping a hub: open the store, start the transport and the outbox publisher,
+//! serve gRPC (with health and reflection) until shutdown, then drain.
+
+use crate::config::{Config, TransportConfig};
+use crate::directory::AgencyDirectory;
+use crate::grpc::ExchangeService;
+use crate::hub::Hub;
+use crate::store::Store;
+use crate::transport::amqp::{AmqpSettings, AmqpTransport};
+use crate::transport::embedded::EmbeddedTransport;
+use crate::transport::{TopologyNames, Transport};
+use anyhow::Context;
+use lienthong_proto::v1::document_exchange_server::DocumentExchangeServer;
+use std::future::Future;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Room for the gRPC envelope around a document of the largest accepted size.
+const MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
+
+/// Runs a hub on `listener` until `shutdown` resolves, then stops within the configured grace.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let directory = AgencyDirectory::load(&config.directory_file)?;
+    let store = Store::open(&config.data_dir, &config.hub_code)?;
+    let agencies: Vec<_> = directory.codes().cloned().collect();
+    let names = TopologyNames::new(config.transport.prefix());
+    let stop = CancellationToken::new();
+    tracing::info!(
+        hub = %config.hub_code,
+        agencies = agencies.len(),
+        transport = ?config.transport,
+        data_dir = %config.data_dir.display(),
+        waiting_in_outbox = store.outbox_len(),
+        "starting hub"
+    );
+    match &config.transport {
+        TransportConfig::Embedded { .. } => {
+            let transport =
+                EmbeddedTransport::open(&store, &names, &agencies, config.delivery.delivery_limit)?;
+            serve(
+                config, store, transport, directory, listener, shutdown, stop,
+            )
+            .await
+        }
+        TransportConfig::Amqp { url, .. } => {
+            let settings = AmqpSettings {
+                url: url.clone(),
+                names,
+                agencies,
+                delivery_limit: config.delivery.delivery_limit,
+            };
+            let transport = AmqpTransport::start(settings, stop.child_token());
+            serve(
+                config, store, transport, directory, listener, shutdown, stop,
+            )
+            .await
+        }
+    }
+}
+
+async fn serve<T: Transport>(
+    config: Config,
+    store: Store,
+    transport: T,
+    directory: AgencyDirectory,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    tracing::warn!(
+        "running without authentication: callers are identified by the `{}` metadata; configure mutual TLS for production",
+        crate::grpc::AGENCY_METADATA_KEY
+    );
+    let grace = config.delivery.shutdown_grace;
+    let max_message_bytes = config.limits.max_document_bytes + MESSAGE_OVERHEAD_BYTES;
+    let hub = Hub::new(config, store.clone(), transport, directory);
+    let publisher = tokio::spawn(crate::publisher::run(hub.clone(), stop.child_token()));
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<DocumentExchangeServer<ExchangeService<T>>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(lienthong_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+    let exchange =
+        DocumentExchangeServer::new(ExchangeService::new(hub.clone(), stop.child_token()))
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes);
+
+    let local_address = listener.local_addr()?;
+    tracing::info!(grpc = %local_address, "serving");
+    let stop_streams = stop.clone();
+    let served = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(exchange)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move {
+                shutdown.await;
+                tracing::info!("shutting down: refusing new requests, closing streams");
+                health_reporter
+                    .set_not_serving::<DocumentExchangeServer<ExchangeService<T>>>()
+                    .await;
+                stop_streams.cancel();
+            },
+        );
+    // The drain is bounded: once shutdown starts, requests in flight get the grace period, and
+    // whatever was not confirmed by then is still in the outbox for the next start.
+    tokio::pin!(served);
+    let result = tokio::select! {
+        result = &mut served => result.context("gRPC server failed"),
+        () = async { stop.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "requests still in flight after the grace period; stopping anyway");
+            Ok(())
+        }
+    };
+    stop.cancel();
+    if tokio::time::timeout(grace, publisher).await.is_err() {
+        tracing::warn!(
+            ?grace,
+            "the outbox publisher did not stop within the grace period"
+        );
+    }
+    store.durable().await?;
+    tracing::info!(waiting_in_outbox = store.outbox_len(), "hub stopped");
+    result
+}

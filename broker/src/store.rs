@@ -1,0 +1,675 @@
+//! The hub's durable state in sled: accepted documents, the outbox, the receipt log, and which
+//! deliveries were shown and settled.
+//!
+//! Architecture invariant: a write the hub reports to a caller is made durable first through
+//! [`Store::durable`], which groups the flushes of concurrent requests into one.
+//!
+//! Trees and their keys:
+//! - `documents`: document id → `StoredDocument` (what idempotency, `Track` and routing need);
+//! - `document_bodies`: document id → the encoded wire document, while an outbox entry needs it;
+//! - `outbox_refs`: document id → number of outbox entries still needing the body (u32 BE);
+//! - `outbox`: `[255 - urgency][seq BE]` → `OutboxEntry`, so a scan yields most urgent, then oldest;
+//! - `receipts`: seq BE → `Receipt`; `receipts_by_document`: `id 0x00 seq BE` → ();
+//! - `delivered`, `settled`: `message id 0x00 recipient` → () for deliveries shown and acknowledged.
+
+use crate::agency::AgencyCode;
+use crate::document::Document;
+use crate::receipt::ReceiptKind;
+use lienthong_proto::v1 as wire;
+use prost::Message;
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::{Notify, watch};
+
+/// A storage failure. Never shown to callers in detail beyond its message.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "cannot open the hub's database in {data_dir}: {source}; the hub refuses to start rather than start empty (restore or move the directory)"
+    )]
+    Open {
+        data_dir: PathBuf,
+        source: sled::Error,
+    },
+    #[error("database error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("a stored record is unreadable: {0}")]
+    Corrupt(String),
+}
+
+/// What became of a document handed to [`Store::accept_document`].
+#[derive(Debug)]
+pub enum Acceptance {
+    /// Newly accepted: one ACCEPTED receipt per recipient.
+    Accepted(Vec<wire::Receipt>),
+    /// The same document (same id, same content) was accepted before: its ACCEPTED receipts.
+    AlreadyAccepted(Vec<wire::Receipt>),
+    /// Another document with this id was accepted before.
+    Conflict,
+}
+
+/// One message of the outbox, ready to publish.
+#[derive(Debug, Clone)]
+pub struct PendingPublish {
+    key: sled::IVec,
+    pub message_id: String,
+    pub recipient: String,
+    /// The encoded `QueuedMessage` to put on the recipient's queue.
+    pub payload: Vec<u8>,
+    document_id: Option<String>,
+}
+
+/// A message settled for a recipient: a document or a status report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageRef {
+    pub message_id: String,
+    pub recipient: AgencyCode,
+    /// Set for documents: receipts are written for documents only.
+    pub document_id: Option<String>,
+}
+
+/// Handle to the hub's database; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    inner: Arc<StoreInner>,
+}
+
+#[derive(Debug)]
+struct StoreInner {
+    db: sled::Db,
+    hub_code: String,
+    documents: sled::Tree,
+    document_bodies: sled::Tree,
+    outbox_refs: sled::Tree,
+    outbox: sled::Tree,
+    receipts: sled::Tree,
+    receipts_by_document: sled::Tree,
+    delivered: sled::Tree,
+    settled: sled::Tree,
+    outbox_len: AtomicU64,
+    group_commit: Arc<GroupCommit>,
+    flusher: tokio::task::AbortHandle,
+}
+
+impl Drop for StoreInner {
+    fn drop(&mut self) {
+        self.flusher.abort();
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the database in `data_dir`. Must run inside a tokio runtime.
+    pub fn open(data_dir: &Path, hub_code: &AgencyCode) -> Result<Store, StoreError> {
+        let open_error = |source| StoreError::Open {
+            data_dir: data_dir.to_owned(),
+            source,
+        };
+        let db = sled::Config::new()
+            .path(data_dir)
+            .cache_capacity(64 * 1024 * 1024)
+            .open()
+            .map_err(open_error)?;
+        let tree = |name: &str| db.open_tree(name).map_err(open_error);
+        let outbox = tree("outbox")?;
+        let outbox_len = AtomicU64::new(outbox.len() as u64);
+        let group_commit = Arc::new(GroupCommit::new());
+        let flusher =
+            tokio::spawn(GroupCommit::run(group_commit.clone(), db.clone())).abort_handle();
+        Ok(Store {
+            inner: Arc::new(StoreInner {
+                hub_code: hub_code.to_string(),
+                documents: tree("documents")?,
+                document_bodies: tree("document_bodies")?,
+                outbox_refs: tree("outbox_refs")?,
+                receipts: tree("receipts")?,
+                receipts_by_document: tree("receipts_by_document")?,
+                delivered: tree("delivered")?,
+                settled: tree("settled")?,
+                outbox,
+                outbox_len,
+                group_commit,
+                flusher,
+                db,
+            }),
+        })
+    }
+
+    /// The underlying database, for components that keep trees of their own (the embedded transport).
+    pub fn db(&self) -> &sled::Db {
+        &self.inner.db
+    }
+
+    /// Waits until every write made before this call is on disk. Concurrent callers share flushes.
+    pub async fn durable(&self) -> Result<(), StoreError> {
+        self.inner.group_commit.wait().await
+    }
+
+    /// Messages waiting in the outbox.
+    pub fn outbox_len(&self) -> u64 {
+        self.inner.outbox_len.load(Ordering::Relaxed)
+    }
+
+    /// Takes custody of a validated document: records it, queues one outbox entry per recipient
+    /// and writes their ACCEPTED receipts, atomically. Not yet durable: see [`Store::durable`].
+    pub fn accept_document(
+        &self,
+        document: &Document,
+        now_unix_ms: i64,
+    ) -> Result<Acceptance, StoreError> {
+        let inner = &*self.inner;
+        let stored = wire::StoredDocument {
+            document_id: document.id.clone(),
+            from: document.from.to_string(),
+            to: document.to.iter().map(ToString::to_string).collect(),
+            content_sha256: document.content_sha256.to_vec(),
+            accepted_at_unix_ms: now_unix_ms,
+            priority: u32::from(document.urgency.value()),
+        }
+        .encode_to_vec();
+        let body = document.wire.encode_to_vec();
+        let mut seqs = Vec::with_capacity(document.to.len() * 2);
+        for _ in 0..document.to.len() * 2 {
+            seqs.push(inner.db.generate_id()?);
+        }
+
+        let accepted: Vec<wire::Receipt> = document
+            .to
+            .iter()
+            .enumerate()
+            .map(|(index, recipient)| {
+                self.new_receipt(
+                    seqs[2 * index + 1],
+                    &document.id,
+                    recipient.as_str(),
+                    ReceiptKind::Accepted,
+                    now_unix_ms,
+                    ReceiptDetail::default(),
+                )
+            })
+            .collect();
+
+        let result = (
+            &inner.documents,
+            &inner.document_bodies,
+            &inner.outbox_refs,
+            &inner.outbox,
+            &inner.receipts,
+            &inner.receipts_by_document,
+        )
+            .transaction(|(documents, bodies, refs, outbox, receipts, by_document)| {
+                if let Some(existing) = documents.get(document.id.as_bytes())? {
+                    return Ok(Some(existing));
+                }
+                documents.insert(document.id.as_bytes(), stored.as_slice())?;
+                bodies.insert(document.id.as_bytes(), body.as_slice())?;
+                refs.insert(
+                    document.id.as_bytes(),
+                    &(document.to.len() as u32).to_be_bytes(),
+                )?;
+                for (index, recipient) in document.to.iter().enumerate() {
+                    let entry = wire::OutboxEntry {
+                        message_id: document.id.clone(),
+                        recipient: recipient.to_string(),
+                        payload: Some(wire::outbox_entry::Payload::DocumentId(document.id.clone())),
+                        accepted_at_unix_ms: now_unix_ms,
+                    };
+                    outbox.insert(
+                        &outbox_key(document.urgency.value(), seqs[2 * index]),
+                        entry.encode_to_vec(),
+                    )?;
+                }
+                for receipt in &accepted {
+                    insert_receipt(receipts, by_document, receipt)?;
+                }
+                Ok(None)
+            });
+        let existing = unwrap_transaction(result)?;
+        if let Some(existing) = existing {
+            let existing =
+                wire::StoredDocument::decode(&*existing).map_err(corrupt("documents"))?;
+            if existing.content_sha256 == document.content_sha256 {
+                let accepted = self
+                    .receipts_of(&document.id)?
+                    .into_iter()
+                    .filter(|r| r.kind() == ReceiptKind::Accepted)
+                    .collect();
+                return Ok(Acceptance::AlreadyAccepted(accepted));
+            }
+            return Ok(Acceptance::Conflict);
+        }
+        inner
+            .outbox_len
+            .fetch_add(document.to.len() as u64, Ordering::Relaxed);
+        Ok(Acceptance::Accepted(accepted))
+    }
+
+    /// Queues a status report for each of `recipients` and writes a STATUS_REPORTED receipt for
+    /// each recipient of the document it concerns (`about`).
+    pub fn accept_status_report(
+        &self,
+        report: &wire::StatusReport,
+        about: &[AgencyCode],
+        recipients: &[AgencyCode],
+        now_unix_ms: i64,
+    ) -> Result<Vec<wire::Receipt>, StoreError> {
+        let inner = &*self.inner;
+        let report_seq = inner.db.generate_id()?;
+        let message_id = format!("status/{report_seq}");
+        let mut entries = Vec::with_capacity(recipients.len());
+        for recipient in recipients {
+            let entry = wire::OutboxEntry {
+                message_id: message_id.clone(),
+                recipient: recipient.to_string(),
+                payload: Some(wire::outbox_entry::Payload::Status(report.clone())),
+                accepted_at_unix_ms: now_unix_ms,
+            };
+            let key = outbox_key(
+                crate::document::Urgency::HIGHEST.value(),
+                inner.db.generate_id()?,
+            );
+            entries.push((key, entry.encode_to_vec()));
+        }
+        let mut receipts = Vec::with_capacity(about.len());
+        for agency in about {
+            receipts.push(self.new_receipt(
+                inner.db.generate_id()?,
+                &report.document_id,
+                agency.as_str(),
+                ReceiptKind::StatusReported,
+                now_unix_ms,
+                ReceiptDetail {
+                    status_code: &report.status_code,
+                    detail: &report.description,
+                    reported_by: &report.from,
+                },
+            ));
+        }
+        let result = (&inner.outbox, &inner.receipts, &inner.receipts_by_document).transaction(
+            |(outbox, receipts_tree, by_document)| {
+                for (key, entry) in &entries {
+                    outbox.insert(key, entry.as_slice())?;
+                }
+                for receipt in &receipts {
+                    insert_receipt(receipts_tree, by_document, receipt)?;
+                }
+                Ok(())
+            },
+        );
+        unwrap_transaction(result)?;
+        inner
+            .outbox_len
+            .fetch_add(recipients.len() as u64, Ordering::Relaxed);
+        Ok(receipts)
+    }
+
+    /// Up to `limit` outbox messages, most urgent first, then oldest first.
+    pub fn outbox_batch(&self, limit: usize) -> Result<Vec<PendingPublish>, StoreError> {
+        let inner = &*self.inner;
+        let mut batch = Vec::new();
+        for item in inner.outbox.iter().take(limit) {
+            let (key, value) = item?;
+            let entry = wire::OutboxEntry::decode(&*value).map_err(corrupt("outbox"))?;
+            let header = wire::QueuedMessage {
+                message_id: entry.message_id.clone(),
+                recipient: entry.recipient.clone(),
+                payload: None,
+            };
+            let (payload, document_id) = match entry.payload {
+                Some(wire::outbox_entry::Payload::DocumentId(document_id)) => {
+                    let body = inner
+                        .document_bodies
+                        .get(document_id.as_bytes())?
+                        .ok_or_else(|| {
+                            StoreError::Corrupt(format!(
+                                "outbox names document {document_id} whose body is missing"
+                            ))
+                        })?;
+                    (encode_queued_document(header, &body), Some(document_id))
+                }
+                Some(wire::outbox_entry::Payload::Status(status)) => {
+                    let message = wire::QueuedMessage {
+                        payload: Some(wire::queued_message::Payload::Status(status)),
+                        ..header
+                    };
+                    (message.encode_to_vec(), None)
+                }
+                None => return Err(StoreError::Corrupt("an outbox entry has no payload".into())),
+            };
+            batch.push(PendingPublish {
+                key,
+                message_id: entry.message_id,
+                recipient: entry.recipient,
+                payload,
+                document_id,
+            });
+        }
+        Ok(batch)
+    }
+
+    /// Removes a published message from the outbox and, for documents, writes its ENQUEUED receipt.
+    /// Called only after the transport confirmed the message.
+    pub fn mark_enqueued(
+        &self,
+        published: &PendingPublish,
+        now_unix_ms: i64,
+    ) -> Result<(), StoreError> {
+        let inner = &*self.inner;
+        let removed = match &published.document_id {
+            None => inner.outbox.remove(&published.key)?.is_some(),
+            Some(document_id) => {
+                let result = (&inner.outbox, &inner.outbox_refs, &inner.document_bodies)
+                    .transaction(
+                        |(outbox, refs, bodies): &(
+                            TransactionalTree,
+                            TransactionalTree,
+                            TransactionalTree,
+                        )| {
+                            if outbox.remove(&published.key)?.is_none() {
+                                return Ok(false);
+                            }
+                            let remaining = refs
+                                .get(document_id.as_bytes())?
+                                .and_then(|v| <[u8; 4]>::try_from(&*v).ok())
+                                .map_or(0, u32::from_be_bytes)
+                                .saturating_sub(1);
+                            if remaining == 0 {
+                                refs.remove(document_id.as_bytes())?;
+                                bodies.remove(document_id.as_bytes())?;
+                            } else {
+                                refs.insert(document_id.as_bytes(), &remaining.to_be_bytes())?;
+                            }
+                            Ok(true)
+                        },
+                    );
+                unwrap_transaction(result)?
+            }
+        };
+        if !removed {
+            return Ok(());
+        }
+        inner.outbox_len.fetch_sub(1, Ordering::Relaxed);
+        if let Some(document_id) = &published.document_id {
+            self.append_receipt(
+                inner.db.generate_id()?,
+                document_id,
+                &published.recipient,
+                ReceiptKind::Enqueued,
+                now_unix_ms,
+                ReceiptDetail::default(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Records that a message was shown to its recipient. Returns whether it had been shown
+    /// before, which makes the delivery a redelivery even when the transport does not know it.
+    pub fn mark_delivered(
+        &self,
+        message: &MessageRef,
+        now_unix_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let inner = &*self.inner;
+        let shown_before = inner
+            .delivered
+            .insert(
+                pair_key(&message.message_id, message.recipient.as_str()),
+                &[],
+            )?
+            .is_some();
+        if let Some(document_id) = &message.document_id {
+            self.append_receipt(
+                inner.db.generate_id()?,
+                document_id,
+                message.recipient.as_str(),
+                ReceiptKind::Delivered,
+                now_unix_ms,
+                ReceiptDetail::default(),
+            )?;
+        }
+        Ok(shown_before)
+    }
+
+    /// Records that the recipient acknowledged a message; it will never be shown again.
+    pub fn mark_acknowledged(
+        &self,
+        message: &MessageRef,
+        now_unix_ms: i64,
+    ) -> Result<(), StoreError> {
+        let inner = &*self.inner;
+        inner.settled.insert(
+            pair_key(&message.message_id, message.recipient.as_str()),
+            &[],
+        )?;
+        if let Some(document_id) = &message.document_id {
+            self.append_receipt(
+                inner.db.generate_id()?,
+                document_id,
+                message.recipient.as_str(),
+                ReceiptKind::Acknowledged,
+                now_unix_ms,
+                ReceiptDetail::default(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Records that the recipient rejected a delivery, with its reason.
+    pub fn mark_rejected(
+        &self,
+        message: &MessageRef,
+        reason: &str,
+        now_unix_ms: i64,
+    ) -> Result<(), StoreError> {
+        if let Some(document_id) = &message.document_id {
+            self.append_receipt(
+                self.inner.db.generate_id()?,
+                document_id,
+                message.recipient.as_str(),
+                ReceiptKind::Rejected,
+                now_unix_ms,
+                ReceiptDetail {
+                    detail: reason,
+                    ..ReceiptDetail::default()
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Whether the recipient already acknowledged this message.
+    pub fn is_acknowledged(&self, message_id: &str, recipient: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .inner
+            .settled
+            .contains_key(pair_key(message_id, recipient))?)
+    }
+
+    /// What the hub remembers of a document, if it accepted it.
+    pub fn document(&self, document_id: &str) -> Result<Option<wire::StoredDocument>, StoreError> {
+        self.inner
+            .documents
+            .get(document_id.as_bytes())?
+            .map(|v| wire::StoredDocument::decode(&*v).map_err(corrupt("documents")))
+            .transpose()
+    }
+
+    /// Every receipt of a document, in sequence order.
+    pub fn receipts_of(&self, document_id: &str) -> Result<Vec<wire::Receipt>, StoreError> {
+        let inner = &*self.inner;
+        let mut prefix = document_id.as_bytes().to_vec();
+        prefix.push(0);
+        let mut receipts = Vec::new();
+        for item in inner.receipts_by_document.scan_prefix(&prefix) {
+            let (key, _) = item?;
+            let seq = &key[prefix.len()..];
+            let record = inner.receipts.get(seq)?.ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "receipt index of {document_id} names a missing receipt"
+                ))
+            })?;
+            receipts.push(wire::Receipt::decode(&*record).map_err(corrupt("receipts"))?);
+        }
+        Ok(receipts)
+    }
+
+    /// Writes one receipt outside any other transaction.
+    fn append_receipt(
+        &self,
+        seq: u64,
+        document_id: &str,
+        agency: &str,
+        kind: ReceiptKind,
+        now_unix_ms: i64,
+        detail: ReceiptDetail<'_>,
+    ) -> Result<wire::Receipt, StoreError> {
+        let inner = &*self.inner;
+        let receipt = self.new_receipt(seq, document_id, agency, kind, now_unix_ms, detail);
+        let result = (&inner.receipts, &inner.receipts_by_document)
+            .transaction(|(receipts, by_document)| insert_receipt(receipts, by_document, &receipt));
+        unwrap_transaction(result)?;
+        Ok(receipt)
+    }
+
+    fn new_receipt(
+        &self,
+        seq: u64,
+        document_id: &str,
+        agency: &str,
+        kind: ReceiptKind,
+        now_unix_ms: i64,
+        detail: ReceiptDetail<'_>,
+    ) -> wire::Receipt {
+        wire::Receipt {
+            seq,
+            document_id: document_id.to_owned(),
+            agency: agency.to_owned(),
+            kind: kind as i32,
+            at_unix_ms: now_unix_ms,
+            hub: self.inner.hub_code.clone(),
+            status_code: detail.status_code.to_owned(),
+            detail: detail.detail.to_owned(),
+            reported_by: detail.reported_by.to_owned(),
+        }
+    }
+}
+
+/// Inserts a receipt and its index entry inside a transaction.
+fn insert_receipt(
+    receipts: &TransactionalTree,
+    by_document: &TransactionalTree,
+    receipt: &wire::Receipt,
+) -> Result<(), ConflictableTransactionError<StoreError>> {
+    let mut index_key = receipt.document_id.as_bytes().to_vec();
+    index_key.push(0);
+    index_key.extend_from_slice(&receipt.seq.to_be_bytes());
+    receipts.insert(&receipt.seq.to_be_bytes(), receipt.encode_to_vec())?;
+    by_document.insert(index_key, &[])?;
+    Ok(())
+}
+
+#[derive(Default, Clone, Copy)]
+struct ReceiptDetail<'a> {
+    status_code: &'a str,
+    detail: &'a str,
+    reported_by: &'a str,
+}
+
+fn outbox_key(urgency: u8, seq: u64) -> [u8; 9] {
+    let mut key = [0; 9];
+    key[0] = 255 - urgency;
+    key[1..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn pair_key(message_id: &str, recipient: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(message_id.len() + 1 + recipient.len());
+    key.extend_from_slice(message_id.as_bytes());
+    key.push(0);
+    key.extend_from_slice(recipient.as_bytes());
+    key
+}
+
+/// Encodes a `QueuedMessage` whose document is `document_bytes`, without decoding the document:
+/// an embedded message field is its key, its length and its bytes.
+fn encode_queued_document(header: wire::QueuedMessage, document_bytes: &[u8]) -> Vec<u8> {
+    const DOCUMENT_FIELD: u32 = 3;
+    let mut buffer = Vec::with_capacity(header.encoded_len() + document_bytes.len() + 16);
+    header.encode(&mut buffer).expect("a Vec grows as needed");
+    prost::encoding::encode_key(
+        DOCUMENT_FIELD,
+        prost::encoding::WireType::LengthDelimited,
+        &mut buffer,
+    );
+    prost::encoding::encode_varint(document_bytes.len() as u64, &mut buffer);
+    buffer.extend_from_slice(document_bytes);
+    buffer
+}
+
+fn corrupt(tree: &'static str) -> impl Fn(prost::DecodeError) -> StoreError {
+    move |e| StoreError::Corrupt(format!("tree {tree}: {e}"))
+}
+
+fn unwrap_transaction<T>(result: Result<T, TransactionError<StoreError>>) -> Result<T, StoreError> {
+    result.map_err(|e| match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => StoreError::Sled(e),
+    })
+}
+
+/// Groups the flushes of concurrent writers: each waiter takes a ticket after its write, and one
+/// flush that starts after a ticket was taken makes that ticket's write durable.
+#[derive(Debug)]
+struct GroupCommit {
+    requested: AtomicU64,
+    completed: watch::Sender<u64>,
+    wake: Notify,
+}
+
+impl GroupCommit {
+    fn new() -> Self {
+        GroupCommit {
+            requested: AtomicU64::new(0),
+            completed: watch::Sender::new(0),
+            wake: Notify::new(),
+        }
+    }
+
+    async fn wait(&self) -> Result<(), StoreError> {
+        let ticket = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut completed = self.completed.subscribe();
+        self.wake.notify_one();
+        completed
+            .wait_for(|done| *done >= ticket)
+            .await
+            .map_err(|_| StoreError::Corrupt("the database flusher stopped".into()))?;
+        Ok(())
+    }
+
+    async fn run(this: Arc<GroupCommit>, db: sled::Db) {
+        loop {
+            this.wake.notified().await;
+            let target = this.requested.load(Ordering::SeqCst);
+            if target <= *this.completed.borrow() {
+                continue;
+            }
+            let db = db.clone();
+            match tokio::task::spawn_blocking(move || db.flush()).await {
+                Ok(Ok(_)) => {
+                    this.completed.send_replace(target);
+                }
+                Ok(Err(error)) => {
+                    tracing::error!(%error, "flushing the database failed; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    this.wake.notify_one();
+                }
+                Err(join_error) => {
+                    tracing::error!(%join_error, "the database flush task failed; retrying");
+                    this.wake.notify_one();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,463 @@
+//! The RabbitMQ transport (AMQP 0-9-1 with lapin): quorum queues, confirmed `mandatory`
+//! publishing, manual acknowledgements, and a supervised connection.
+//!
+//! A supervisor task owns the connection. It connects with exponential backoff, declares the
+//! topology, and publishes the live [`Session`] on a watch channel; when the connection reports
+//! an error (or a publish fails on it) the session is marked lost, withdrawn, and the supervisor
+//! connects again. Nothing here waits for RabbitMQ on the caller's behalf: while there is no
+//! session, calls fail fast with [`TransportError::Unavailable`], and the outbox keeps the
+//! messages until a session returns.
+
+use super::{
+    Acknowledge, Inbound, OutboundMessage, Subscription, TopologyNames, Transport, TransportError,
+};
+use crate::agency::AgencyCode;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Settings of the RabbitMQ transport.
+#[derive(Clone)]
+pub struct AmqpSettings {
+    pub url: String,
+    pub names: TopologyNames,
+    /// Every agency gets a queue bound to its code.
+    pub agencies: Vec<AgencyCode>,
+    /// Deliveries of one message before RabbitMQ dead-letters it (`x-delivery-limit`).
+    pub delivery_limit: u32,
+}
+
+impl std::fmt::Debug for AmqpSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpSettings")
+            .field("url", &crate::config::redact_url_password(&self.url))
+            .field("names", &self.names)
+            .field("agencies", &self.agencies.len())
+            .field("delivery_limit", &self.delivery_limit)
+            .finish()
+    }
+}
+
+/// The RabbitMQ transport; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AmqpTransport {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    settings: AmqpSettings,
+    session: watch::Sender<Option<Arc<Session>>>,
+}
+
+/// One live connection with its confirming publisher channel.
+struct Session {
+    connection: Connection,
+    publisher: Channel,
+    lost: CancellationToken,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("lost", &self.lost.is_cancelled())
+            .finish()
+    }
+}
+
+impl AmqpTransport {
+    /// Starts the connection supervisor; returns at once. The supervisor stops on `shutdown`.
+    pub fn start(settings: AmqpSettings, shutdown: CancellationToken) -> AmqpTransport {
+        let inner = Arc::new(Inner {
+            settings,
+            session: watch::Sender::new(None),
+        });
+        tokio::spawn(supervise(inner.clone(), shutdown));
+        AmqpTransport { inner }
+    }
+
+    /// Whether a session is live now.
+    pub fn is_connected(&self) -> bool {
+        self.inner
+            .session
+            .borrow()
+            .as_ref()
+            .is_some_and(|s| !s.lost.is_cancelled())
+    }
+
+    /// Waits until a session is live, at most `timeout`.
+    pub async fn wait_connected(&self, timeout: Duration) -> Result<(), TransportError> {
+        let mut session = self.inner.session.subscribe();
+        tokio::time::timeout(
+            timeout,
+            session.wait_for(|s| s.as_ref().is_some_and(|s| !s.lost.is_cancelled())),
+        )
+        .await
+        .map_err(|_| {
+            TransportError::Unavailable(format!("not connected to RabbitMQ after {timeout:?}"))
+        })?
+        .map_err(|_| TransportError::Unavailable("the connection supervisor stopped".into()))?;
+        Ok(())
+    }
+
+    fn session(&self) -> Result<Arc<Session>, TransportError> {
+        match &*self.inner.session.borrow() {
+            Some(session) if !session.lost.is_cancelled() => Ok(session.clone()),
+            _ => Err(TransportError::Unavailable(
+                "not connected to RabbitMQ".into(),
+            )),
+        }
+    }
+}
+
+impl Transport for AmqpTransport {
+    type Subscription = AmqpSubscription;
+
+    async fn publish(&self, message: OutboundMessage<'_>) -> Result<(), TransportError> {
+        let session = self.session()?;
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(message.message_id.into())
+            .with_content_type("application/x-protobuf".into());
+        let outcome = async {
+            session
+                .publisher
+                .basic_publish(
+                    self.inner.settings.names.documents_exchange().into(),
+                    message.routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    message.payload,
+                    properties,
+                )
+                .await?
+                .await
+        }
+        .await;
+        match outcome {
+            Ok(Confirmation::Ack(None)) => Ok(()),
+            Ok(Confirmation::Ack(Some(returned))) => {
+                tracing::warn!(routing_key = message.routing_key, reply = %returned.reply_text, "message returned unroutable");
+                Err(TransportError::Unroutable {
+                    routing_key: message.routing_key.to_owned(),
+                })
+            }
+            Ok(Confirmation::Nack(_)) => Err(TransportError::Nacked),
+            Ok(Confirmation::NotRequested) => Err(TransportError::Protocol(
+                "publisher confirms are not enabled".into(),
+            )),
+            Err(error) => {
+                session.lost.cancel();
+                Err(TransportError::Unavailable(error.to_string()))
+            }
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        agency: &AgencyCode,
+        prefetch: u16,
+    ) -> Result<AmqpSubscription, TransportError> {
+        let session = self.session()?;
+        let queue = self.inner.settings.names.agency_queue(agency);
+        let subscribe = async {
+            let channel = session.connection.create_channel().await?;
+            channel
+                .basic_qos(prefetch, BasicQosOptions::default())
+                .await?;
+            let consumer = channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok::<_, lapin::Error>((channel, consumer))
+        };
+        let (channel, consumer) = subscribe
+            .await
+            .map_err(|e| TransportError::Unavailable(format!("cannot consume {queue}: {e}")))?;
+        Ok(AmqpSubscription { channel, consumer })
+    }
+
+    async fn dead_letter_count(&self) -> Result<u64, TransportError> {
+        let session = self.session()?;
+        let channel = session
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| TransportError::Unavailable(e.to_string()))?;
+        let queue = channel
+            .queue_declare(
+                self.inner.settings.names.dead_letter_queue().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| TransportError::Protocol(e.to_string()));
+        let _ = channel.close(200, "done".into()).await;
+        Ok(u64::from(queue?.message_count()))
+    }
+}
+
+/// A consumer on its own channel; dropping it closes the channel, which returns its
+/// unacknowledged messages to the queue.
+#[derive(Debug)]
+pub struct AmqpSubscription {
+    channel: Channel,
+    consumer: lapin::Consumer,
+}
+
+impl Subscription for AmqpSubscription {
+    type Acker = AmqpAcker;
+
+    async fn next(&mut self) -> Result<Inbound<AmqpAcker>, TransportError> {
+        match self.consumer.next().await {
+            Some(Ok(delivery)) => Ok(Inbound {
+                payload: delivery.data,
+                redelivered: delivery.redelivered,
+                acker: AmqpAcker(delivery.acker),
+            }),
+            Some(Err(error)) => Err(TransportError::Unavailable(error.to_string())),
+            None => Err(TransportError::Closed),
+        }
+    }
+}
+
+impl Drop for AmqpSubscription {
+    fn drop(&mut self) {
+        let channel = self.channel.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = channel.close(200, "subscription closed".into()).await;
+            });
+        }
+    }
+}
+
+/// Settles one RabbitMQ delivery.
+#[derive(Debug)]
+pub struct AmqpAcker(lapin::Acker);
+
+impl Acknowledge for AmqpAcker {
+    async fn ack(self) -> Result<(), TransportError> {
+        settled(self.0.ack(BasicAckOptions::default()).await)
+    }
+
+    async fn requeue(self) -> Result<(), TransportError> {
+        settled(
+            self.0
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await,
+        )
+    }
+
+    async fn dead_letter(self) -> Result<(), TransportError> {
+        settled(
+            self.0
+                .nack(BasicNackOptions {
+                    requeue: false,
+                    ..BasicNackOptions::default()
+                })
+                .await,
+        )
+    }
+}
+
+fn settled(result: lapin::Result<bool>) -> Result<(), TransportError> {
+    match result {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(TransportError::Closed),
+        Err(_) => Err(TransportError::Closed),
+    }
+}
+
+async fn supervise(inner: Arc<Inner>, shutdown: CancellationToken) {
+    let mut backoff = MIN_BACKOFF;
+    let safe_url = crate::config::redact_url_password(&inner.settings.url);
+    loop {
+        let connected = tokio::select! {
+            result = connect(&inner.settings) => result,
+            () = shutdown.cancelled() => break,
+        };
+        match connected {
+            Ok(session) => {
+                tracing::info!(url = %safe_url, "connected to RabbitMQ; topology declared");
+                backoff = MIN_BACKOFF;
+                let session = Arc::new(session);
+                inner.session.send_replace(Some(session.clone()));
+                tokio::select! {
+                    () = session.lost.cancelled() => {
+                        tracing::warn!(url = %safe_url, "lost the connection to RabbitMQ; reconnecting");
+                    }
+                    () = shutdown.cancelled() => {
+                        inner.session.send_replace(None);
+                        let _ = session.connection.close(200, "hub shutting down".into()).await;
+                        break;
+                    }
+                }
+                inner.session.send_replace(None);
+                let _ = session.connection.close(200, "reconnecting".into()).await;
+            }
+            Err(error) => {
+                tracing::warn!(url = %safe_url, %error, retry_in = ?backoff, "cannot connect to RabbitMQ");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = shutdown.cancelled() => break,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn connect(settings: &AmqpSettings) -> Result<Session, lapin::Error> {
+    let connection = Connection::connect(&settings.url, ConnectionProperties::default()).await?;
+    let lost = CancellationToken::new();
+    let mut events = connection.events_listener();
+    let on_error = lost.clone();
+    tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            if let lapin::Event::Error(error) = event {
+                tracing::debug!(%error, "RabbitMQ connection error");
+                on_error.cancel();
+                break;
+            }
+        }
+        on_error.cancel();
+    });
+    declare_topology(&connection, settings).await?;
+    let publisher = connection.create_channel().await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(Session {
+        connection,
+        publisher,
+        lost,
+    })
+}
+
+/// Declares the exchanges and queues; idempotent, so it runs again after every reconnection.
+async fn declare_topology(
+    connection: &Connection,
+    settings: &AmqpSettings,
+) -> Result<(), lapin::Error> {
+    let names = &settings.names;
+    let channel = connection.create_channel().await?;
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            names.documents_exchange().into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .exchange_declare(
+            names.dead_letter_exchange().into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    let queue_options = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(
+            names.dead_letter_queue().into(),
+            queue_options,
+            quorum_arguments(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            names.dead_letter_queue().into(),
+            names.dead_letter_exchange().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    for agency in &settings.agencies {
+        let queue = names.agency_queue(agency);
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                queue_options,
+                agency_queue_arguments(settings),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                names.documents_exchange().into(),
+                agency.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    channel.close(200, "topology declared".into()).await?;
+    Ok(())
+}
+
+fn quorum_arguments() -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    arguments
+}
+
+/// A recipient's quorum queue: a delivery limit, then at-least-once dead lettering (which needs
+/// `reject-publish` overflow), so that a message refused too often is kept, never dropped.
+fn agency_queue_arguments(settings: &AmqpSettings) -> FieldTable {
+    let mut arguments = quorum_arguments();
+    arguments.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(settings.names.dead_letter_exchange())),
+    );
+    arguments.insert(
+        "x-dead-letter-strategy".into(),
+        AMQPValue::LongString(LongString::from("at-least-once")),
+    );
+    arguments.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString(LongString::from("reject-publish")),
+    );
+    arguments.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(i64::from(settings.delivery_limit)),
+    );
+    arguments
+}

@@ -1,0 +1,127 @@
+//! The `Transport` abstraction: how queued messages get from the outbox to a recipient's stream.
+//!
+//! Two implementations pass the same conformance suite (`tests/conformance.rs`):
+//! [`amqp::AmqpTransport`] (RabbitMQ, the production transport) and
+//! [`embedded::EmbeddedTransport`] (queues kept in the hub's own sled database, so that one
+//! process runs with no broker at all).
+//!
+//! Both follow RabbitMQ's model: a topic exchange routes by agency code to one queue per agency;
+//! publishing is confirmed and `mandatory` (an unroutable message is an error, never a success);
+//! consumers hold at most `prefetch` unsettled messages; a message returned too many times goes
+//! to the dead letters.
+
+pub mod amqp;
+pub mod embedded;
+
+use crate::agency::AgencyCode;
+use std::future::Future;
+
+/// A message for one agency's queue.
+#[derive(Debug, Clone, Copy)]
+pub struct OutboundMessage<'a> {
+    /// The recipient's agency code: the routing key.
+    pub routing_key: &'a str,
+    pub message_id: &'a str,
+    pub payload: &'a [u8],
+}
+
+/// A message taken from a queue, held until it is settled through its acker.
+#[derive(Debug)]
+pub struct Inbound<A> {
+    pub payload: Vec<u8>,
+    /// The transport delivered this message before without it being acknowledged.
+    pub redelivered: bool,
+    pub acker: A,
+}
+
+/// Why the transport could not do what was asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TransportError {
+    #[error("the message transport is not connected: {0}")]
+    Unavailable(String),
+    #[error("no queue is bound to routing key {routing_key}")]
+    Unroutable { routing_key: String },
+    #[error("the message transport refused the message (negative confirm)")]
+    Nacked,
+    #[error("the subscription or channel is closed")]
+    Closed,
+    #[error("message transport error: {0}")]
+    Protocol(String),
+}
+
+/// Names of every exchange and queue, all under one prefix so that hubs and tests can share a broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopologyNames {
+    prefix: String,
+}
+
+impl TopologyNames {
+    pub fn new(prefix: &str) -> Self {
+        TopologyNames {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// The topic exchange documents are published to.
+    pub fn documents_exchange(&self) -> String {
+        format!("{}.documents", self.prefix)
+    }
+
+    /// The exchange rejected and expired messages go to.
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dead-letter", self.prefix)
+    }
+
+    /// The queue that keeps dead letters.
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dead-letters", self.prefix)
+    }
+
+    /// One agency's queue.
+    pub fn agency_queue(&self, agency: &AgencyCode) -> String {
+        format!("{}.agency.{}", self.prefix, agency)
+    }
+}
+
+/// What the hub needs from a message transport.
+pub trait Transport: Clone + Send + Sync + 'static {
+    type Subscription: Subscription;
+
+    /// Publishes durably: resolves only once the transport has the message in the recipient's
+    /// queue (a positive confirm); an unroutable or refused message is an error.
+    fn publish(
+        &self,
+        message: OutboundMessage<'_>,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Starts consuming one agency's queue with at most `prefetch` unsettled messages.
+    /// Dropping the subscription returns its unsettled messages to the queue, marked redelivered.
+    fn subscribe(
+        &self,
+        agency: &AgencyCode,
+        prefetch: u16,
+    ) -> impl Future<Output = Result<Self::Subscription, TransportError>> + Send;
+
+    /// Messages in the dead-letter queue.
+    fn dead_letter_count(&self) -> impl Future<Output = Result<u64, TransportError>> + Send;
+}
+
+/// A consumer of one queue.
+pub trait Subscription: Send + 'static {
+    type Acker: Acknowledge;
+
+    /// The next message; an error when the subscription can no longer deliver.
+    fn next(&mut self)
+    -> impl Future<Output = Result<Inbound<Self::Acker>, TransportError>> + Send;
+}
+
+/// Settles one inbound message.
+pub trait Acknowledge: std::fmt::Debug + Send + Sync + 'static {
+    /// Removes the message from the queue for good.
+    fn ack(self) -> impl Future<Output = Result<(), TransportError>> + Send;
+    /// Returns the message to the queue to be delivered again; each return counts towards the
+    /// delivery limit, past which the message goes to the dead letters.
+    fn requeue(self) -> impl Future<Output = Result<(), TransportError>> + Send;
+    /// Sends the message straight to the dead letters.
+    fn dead_letter(self) -> impl Future<Output = Result<(), TransportError>> + Send;
+}
