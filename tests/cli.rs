@@ -1,1 +1,270 @@
-//! placeholder
+//! Tests of the real `lienthong` binary as a process: custody across SIGKILL, graceful SIGTERM,
+//! configuration errors, and the client subcommands a person uses.
+
+mod support;
+
+use std::collections::HashSet;
+use std::process::Output;
+use std::time::Duration;
+use support::*;
+
+fn lienthong(args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_lienthong"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run the lienthong binary")
+}
+
+fn stdout_of(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "lienthong failed: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Documents accepted while RabbitMQ is unreachable sit in the outbox; the hub is killed with
+/// SIGKILL; restarted on the same data directory with RabbitMQ reachable, it delivers every one.
+#[tokio::test]
+async fn a_killed_hub_delivers_its_outbox_after_restart() {
+    const DOCUMENTS: usize = 20;
+    let unreachable = HubOptions {
+        amqp_url: Some(format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port())),
+        ..HubOptions::new(TransportKind::Amqp)
+    };
+    let files = HubFiles::create("kill_restart", &unreachable);
+    let hub = HubProcess::start(&files, &unreachable).await;
+    let mut commune = hub.client(COMMUNE).await;
+    let mut sent = HashSet::new();
+    for n in 0..DOCUMENTS {
+        let mut doc = document(COMMUNE, &[DISTRICT], &format!("outbox {n}"));
+        doc.priority = (n % 5) as u32;
+        sent.insert(send(&mut commune, doc).await);
+    }
+    hub.kill().await;
+
+    let reachable = HubOptions::new(TransportKind::Amqp);
+    let hub = HubProcess::start(&files, &reachable).await;
+    let mut district = hub.client(DISTRICT).await;
+    let mut stream = open_stream(&mut district).await;
+    let mut received = HashSet::new();
+    for _ in 0..DOCUMENTS {
+        let delivery = next_delivery(&mut stream).await;
+        let id = delivered_document(&delivery).document_id.clone();
+        assert!(received.insert(id.clone()), "{id} delivered twice");
+        ack(&mut district, &delivery).await;
+    }
+    assert_eq!(received, sent, "every accepted document is delivered");
+    assert_no_delivery(&mut stream, Duration::from_millis(500)).await;
+
+    let mut commune = hub.client(COMMUNE).await;
+    let any = sent.iter().next().expect("a document");
+    let trace = track(&mut commune, any).await;
+    use lienthong_proto::v1::ReceiptKind::*;
+    assert_eq!(
+        receipt_kinds(&trace, DISTRICT),
+        vec![Accepted, Enqueued, Delivered, Acknowledged]
+    );
+    hub.kill().await;
+    files.delete_topology().await;
+}
+
+/// SIGTERM ends open streams and stops the process promptly with status 0.
+#[tokio::test]
+async fn sigterm_stops_the_hub_gracefully() {
+    let options = HubOptions::new(TransportKind::Embedded);
+    let files = HubFiles::create("sigterm", &options);
+    let mut hub = HubProcess::start(&files, &options).await;
+    let mut district = hub.client(DISTRICT).await;
+    let mut stream = open_stream(&mut district).await;
+    let pid = hub.child.id().expect("running").to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("send SIGTERM");
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), hub.child.wait())
+        .await
+        .expect("the hub exits within 10 s of SIGTERM")
+        .expect("wait for the hub");
+    assert!(status.success(), "exit status {status}");
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("the stream ends");
+    assert!(
+        !matches!(end, Ok(Some(_))),
+        "no delivery after shutdown: {end:?}"
+    );
+}
+
+#[test]
+fn configuration_errors_exit_64_with_one_line_naming_the_key() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let cases = [
+        (
+            "[hub]\ncode = \"000.00.00.H53\"\n[server]\ngrpc_port = 1\n",
+            "grpc_port",
+        ),
+        ("[server]\ngrpc_listen = \"127.0.0.1:0\"\n", "hub"),
+        (
+            "[hub]\ncode = \"000.00.00.H53\"\n[transport]\nkind = \"amqp\"\namqp_url = \"http://x\"\n",
+            "amqp_url",
+        ),
+    ];
+    for (text, key) in cases {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, text).expect("write config");
+        let output = lienthong(&["serve", "--config", path.to_str().expect("utf-8 path")]);
+        assert_eq!(output.status.code(), Some(64), "{text}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.contains(key), "`{stderr}` names {key}");
+    }
+    let missing = lienthong(&["serve", "--config", "/nonexistent/lienthong.toml"]);
+    assert_eq!(missing.status.code(), Some(64));
+}
+
+/// The README's walk-through: send from a commune to its district, receive, report, track.
+#[tokio::test]
+async fn the_client_subcommands_send_receive_report_and_track() {
+    let options = HubOptions::new(TransportKind::Embedded);
+    let files = HubFiles::create("cli", &options);
+    let hub = HubProcess::start(&files, &options).await;
+    let endpoint = hub.endpoint.clone();
+    let save_dir = tempfile::tempdir().expect("temporary directory");
+    let attachment = save_dir.path().join("to-trinh.txt");
+    std::fs::write(&attachment, "phụ lục").expect("write attachment");
+
+    let sent = stdout_of(&lienthong(&[
+        "send",
+        "--endpoint",
+        &endpoint,
+        "--as",
+        COMMUNE,
+        "--to",
+        DISTRICT,
+        "--subject",
+        "Tờ trình số 12",
+        "--body",
+        "Kính gửi UBND huyện",
+        "--code-number",
+        "12",
+        "--code-notation",
+        "TTr-UBND",
+        "--attach",
+        attachment.to_str().expect("utf-8 path"),
+    ]));
+    let document_id = sent
+        .lines()
+        .next()
+        .and_then(|line| line.strip_prefix("accepted "))
+        .expect("`accepted <id>`")
+        .to_owned();
+    assert!(
+        document_id.starts_with(&format!("{COMMUNE},")) && document_id.ends_with(",12/TTr-UBND"),
+        "{document_id}"
+    );
+    assert!(sent.contains(&format!("ACCEPTED {DISTRICT}")), "{sent}");
+
+    let received = stdout_of(&lienthong(&[
+        "receive",
+        "--endpoint",
+        &endpoint,
+        "--as",
+        DISTRICT,
+        "--count",
+        "1",
+        "--save-dir",
+        save_dir.path().join("inbox").to_str().expect("utf-8 path"),
+    ]));
+    assert!(
+        received.contains(&format!("document {document_id} from {COMMUNE}")),
+        "{received}"
+    );
+    assert!(received.contains("acknowledged"), "{received}");
+    let saved = std::fs::read_dir(save_dir.path().join("inbox"))
+        .expect("saved documents")
+        .next()
+        .expect("one saved document")
+        .expect("entry")
+        .path();
+    assert_eq!(
+        std::fs::read_to_string(saved.join("body")).expect("body"),
+        "Kính gửi UBND huyện"
+    );
+    assert_eq!(
+        std::fs::read_to_string(saved.join("to-trinh.txt")).expect("attachment"),
+        "phụ lục"
+    );
+
+    let reported = stdout_of(&lienthong(&[
+        "status",
+        "--endpoint",
+        &endpoint,
+        "--as",
+        DISTRICT,
+        "--document",
+        &document_id,
+        "--code",
+        "03",
+        "--description",
+        "Đã vào sổ",
+    ]));
+    assert!(reported.contains("STATUS_REPORTED"), "{reported}");
+
+    let status = stdout_of(&lienthong(&[
+        "receive",
+        "--endpoint",
+        &endpoint,
+        "--as",
+        COMMUNE,
+        "--count",
+        "1",
+    ]));
+    assert!(
+        status.contains(&format!("status 03 on {document_id} from {DISTRICT}")),
+        "{status}"
+    );
+
+    let tracked = stdout_of(&lienthong(&[
+        "track",
+        "--endpoint",
+        &endpoint,
+        "--as",
+        COMMUNE,
+        "--document",
+        &document_id,
+    ]));
+    for expected in [
+        "DELIVERY_STATE_ACKNOWLEDGED",
+        "ACCEPTED",
+        "ENQUEUED",
+        "DELIVERED",
+        "ACKNOWLEDGED",
+        "status 03",
+    ] {
+        assert!(tracked.contains(expected), "`{tracked}` shows {expected}");
+    }
+
+    let refused = lienthong(&[
+        "send",
+        "--endpoint",
+        &endpoint,
+        "--as",
+        COMMUNE,
+        "--to",
+        STRANGER_CODE,
+        "--subject",
+        "x",
+    ]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("NotFound") && stderr.contains("document.to[0]"),
+        "{stderr}"
+    );
+    hub.kill().await;
+}

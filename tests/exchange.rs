@@ -1,1 +1,614 @@
-//! placeholder
+//! End-to-end tests of the document exchange through a hub running in the test process:
+//! send → receive → ack → track, status reports, redelivery, idempotency, refusals that leave
+//! no trace, and access rules. Each scenario runs on RabbitMQ and on the embedded transport.
+
+mod support;
+
+use lienthong_proto::v1 as wire;
+use std::time::Duration;
+use support::*;
+use tonic::Code;
+use wire::ReceiptKind::{Accepted, Acknowledged, Delivered, Enqueued, Rejected};
+
+const QUIET: Duration = Duration::from_millis(500);
+
+async fn send_receive_ack_track<K: Into<Kind>>(kind: K) {
+    let hub = TestHub::start("e2e", HubOptions::new(kind.into().0)).await;
+    let mut commune = hub.client(COMMUNE).await;
+    let mut district = hub.client(DISTRICT).await;
+    let mut neighbour = hub.client(COMMUNE_2).await;
+    let mut district_stream = open_stream(&mut district).await;
+    let mut neighbour_stream = open_stream(&mut neighbour).await;
+
+    let mut sent = document(
+        COMMUNE,
+        &[DISTRICT, COMMUNE_2],
+        "Báo cáo tình hình tháng 11",
+    );
+    sent.priority = 1;
+    sent.attachments.push(wire::Attachment {
+        name: "bao-cao.pdf".into(),
+        content_type: "application/pdf".into(),
+        content: vec![0x25, 0x50, 0x44, 0x46],
+        description: "Báo cáo".into(),
+    });
+    let response = commune
+        .send(wire::SendRequest {
+            document: Some(sent.clone()),
+        })
+        .await
+        .expect("send")
+        .into_inner();
+    assert_eq!(response.document_id, sent.document_id);
+    assert_eq!(response.receipts.len(), 2);
+    assert!(
+        response
+            .receipts
+            .iter()
+            .all(|r| r.kind() == Accepted && r.hub == PROVINCE)
+    );
+
+    for (client, stream) in [
+        (&mut district, &mut district_stream),
+        (&mut neighbour, &mut neighbour_stream),
+    ] {
+        let delivery = next_delivery(stream).await;
+        assert!(!delivery.redelivered);
+        assert_eq!(
+            delivered_document(&delivery),
+            &sent,
+            "the document arrives unchanged"
+        );
+        ack(client, &delivery).await;
+    }
+
+    let trace = track(&mut commune, &sent.document_id).await;
+    for recipient in [DISTRICT, COMMUNE_2] {
+        assert_eq!(
+            receipt_kinds(&trace, recipient),
+            vec![Accepted, Enqueued, Delivered, Acknowledged]
+        );
+    }
+    assert!(
+        trace
+            .recipients
+            .iter()
+            .all(|r| r.state() == wire::DeliveryState::Acknowledged)
+    );
+    let seqs: Vec<u64> = trace.recipients[0].receipts.iter().map(|r| r.seq).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "receipt sequence numbers grow: {seqs:?}"
+    );
+    hub.finish().await;
+}
+
+async fn status_reports_reach_the_other_party<K: Into<Kind>>(kind: K) {
+    let hub = TestHub::start("status", HubOptions::new(kind.into().0)).await;
+    let mut commune = hub.client(COMMUNE).await;
+    let mut district = hub.client(DISTRICT).await;
+    let mut commune_stream = open_stream(&mut commune).await;
+    let mut district_stream = open_stream(&mut district).await;
+    let document_id = send(&mut commune, document(COMMUNE, &[DISTRICT], "Tờ trình")).await;
+    let delivery = next_delivery(&mut district_stream).await;
+    ack(&mut district, &delivery).await;
+
+    for (code, description) in [
+        ("01", "đã nhận"),
+        ("03", "đã vào sổ"),
+        ("06", "đã hoàn thành"),
+    ] {
+        let receipts = district
+            .report_status(wire::StatusReport {
+                document_id: document_id.clone(),
+                status_code: code.into(),
+                description: description.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("report status")
+            .into_inner()
+            .receipts;
+        assert_eq!(receipts.len(), 1);
+        assert_eq!(receipts[0].kind(), wire::ReceiptKind::StatusReported);
+        let delivery = next_delivery(&mut commune_stream).await;
+        match &delivery.payload {
+            Some(wire::delivery::Payload::Status(status)) => {
+                assert_eq!(status.document_id, document_id);
+                assert_eq!(status.status_code, code);
+                assert_eq!(status.description, description);
+                assert_eq!(status.from, DISTRICT);
+            }
+            other => panic!("expected a status report, got {other:?}"),
+        }
+        ack(&mut commune, &delivery).await;
+    }
+
+    // The sender asks for a recall; the recipient answers.
+    commune
+        .report_status(wire::StatusReport {
+            document_id: document_id.clone(),
+            status_code: "13".into(),
+            description: "xin thu hồi".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("recall request");
+    let recall = next_delivery(&mut district_stream).await;
+    assert!(
+        matches!(&recall.payload, Some(wire::delivery::Payload::Status(s)) if s.status_code == "13")
+    );
+    ack(&mut district, &recall).await;
+
+    let trace = track(&mut commune, &document_id).await;
+    let codes: Vec<&str> = trace.recipients[0]
+        .statuses
+        .iter()
+        .map(|s| s.status_code.as_str())
+        .collect();
+    assert_eq!(codes, ["01", "03", "06", "13"]);
+    assert_eq!(
+        trace.recipients[0].state(),
+        wire::DeliveryState::Acknowledged
+    );
+    hub.finish().await;
+}
+
+async fn unacknowledged_documents_are_redelivered<K: Into<Kind>>(kind: K) {
+    let hub = TestHub::start("redeliver", HubOptions::new(kind.into().0)).await;
+    let mut commune = hub.client(COMMUNE).await;
+    let mut district = hub.client(DISTRICT).await;
+    let document_id = send(&mut commune, document(COMMUNE, &[DISTRICT], "Công văn")).await;
+
+    let mut first_stream = open_stream(&mut district).await;
+    let first = next_delivery(&mut first_stream).await;
+    assert!(!first.redelivered);
+    drop(first_stream);
+
+    let mut second_stream = open_stream(&mut district).await;
+    let second = next_delivery(&mut second_stream).await;
+    assert_eq!(delivered_document(&second).document_id, document_id);
+    assert!(
+        second.redelivered,
+        "a document shown before and not acknowledged is marked redelivered"
+    );
+
+    // The first stream's token died with it.
+    let stale = district
+        .ack(wire::AckRequest {
+            ack_token: first.ack_token.clone(),
+            reject: false,
+            reason: String::new(),
+        })
+        .await
+        .expect_err("stale token");
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    assert!(
+        stale.message().contains("redelivered"),
+        "{}",
+        stale.message()
+    );
+
+    ack(&mut district, &second).await;
+    drop(second_stream);
+    let mut third_stream = open_stream(&mut district).await;
+    assert_no_delivery(&mut third_stream, QUIET).await;
+
+    let trace = track(&mut commune, &document_id).await;
+    assert_eq!(
+        receipt_kinds(&trace, DISTRICT),
+        vec![Accepted, Enqueued, Delivered, Delivered, Acknowledged]
+    );
+    hub.finish().await;
+}
+
+async fn rejected_documents_come_back<K: Into<Kind>>(kind: K) {
+    let hub = TestHub::start("reject", HubOptions::new(kind.into().0)).await;
+    let mut commune = hub.client(COMMUNE).await;
+    let mut district = hub.client(DISTRICT).await;
+    let mut stream = open_stream(&mut district).await;
+    let document_id = send(&mut commune, document(COMMUNE, &[DISTRICT], "Giấy mời")).await;
+    let first = next_delivery(&mut stream).await;
+    district
+        .ack(wire::AckRequest {
+            ack_token: first.ack_token.clone(),
+            reject: true,
+            reason: "cannot store attachments right now".into(),
+        })
+        .await
+        .expect("reject");
+    let again = next_delivery(&mut stream).await;
+    assert!(again.redelivered);
+    ack(&mut district, &again).await;
+    let trace = track(&mut commune, &document_id).await;
+    assert_eq!(
+        receipt_kinds(&trace, DISTRICT),
+        vec![
+            Accepted,
+            Enqueued,
+            Delivered,
+            Rejected,
+            Delivered,
+            Acknowledged
+        ]
+    );
+    let rejected = &trace.recipients[0].receipts[3];
+    assert_eq!(rejected.detail, "cannot store attachments right now");
+    hub.finish().await;
+}
+
+async fn sending_is_idempotent_on_the_document_id<K: Into<Kind>>(kind: K) {
+    let hub = TestHub::start("idempotent", HubOptions::new(kind.into().0)).await;
+    let mut commune = hub.client(COMMUNE).await;
+    let mut district = hub.client(DISTRICT).await;
+    let original = document(COMMUNE, &[DISTRICT], "Quyết định");
+    let first = commune
+        .send(wire::SendRequest {
+            document: Some(original.clone()),
+        })
+        .await
+        .expect("send")
+        .into_inner();
+    let again = commune
+        .send(wire::SendRequest {
+            document: Some(original.clone()),
+        })
+        .await
+        .expect("resend")
+        .into_inner();
+    assert_eq!(
+        first, again,
+        "the same id and content answer the first result"
+    );
+
+    let mut altered = original.clone();
+    altered.body = b"other content".to_vec();
+    let conflict = commune
+        .send(wire::SendRequest {
+            document: Some(altered),
+        })
+        .await
+        .expect_err("other content under the same id");
+    assert_eq!(conflict.code(), Code::AlreadyExists);
+    assert!(
+        conflict.message().contains("document.document_id"),
+        "{}",
+        conflict.message()
+    );
+
+    let mut stream = open_stream(&mut district).await;
+    let delivery = next_delivery(&mut stream).await;
+    assert_eq!(delivered_document(&delivery), &original);
+    ack(&mut district, &delivery).await;
+    assert_no_delivery(&mut stream, QUIET).await;
+    hub.finish().await;
+}
+
+async fn bad_input_is_refused_and_leaves_no_trace<K: Into<Kind>>(kind: K) {
+    let options = HubOptions {
+        max_document_bytes: 4096,
+        ..HubOptions::new(kind.into().0)
+    };
+    let hub = TestHub::start("refusals", options).await;
+    let mut commune = hub.client(COMMUNE).await;
+
+    type Breaker = fn(&mut wire::Document);
+    let cases: Vec<(&str, Breaker, Code, &str)> = vec![
+        (
+            "malformed recipient",
+            |d| d.to = vec!["31.H53".into()],
+            Code::InvalidArgument,
+            "document.to[0]",
+        ),
+        (
+            "no recipients",
+            |d| d.to.clear(),
+            Code::InvalidArgument,
+            "document.to",
+        ),
+        (
+            "unknown recipient",
+            |d| d.to = vec![STRANGER_CODE.into()],
+            Code::NotFound,
+            "document.to[0]",
+        ),
+        (
+            "spoofed sender",
+            |d| d.from = DISTRICT.into(),
+            Code::PermissionDenied,
+            "document.from",
+        ),
+        (
+            "malformed sender",
+            |d| d.from = "H53".into(),
+            Code::InvalidArgument,
+            "document.from",
+        ),
+        (
+            "body over the limit",
+            |d| d.body = vec![b'x'; 8192],
+            Code::ResourceExhausted,
+            "max_document_bytes",
+        ),
+        (
+            "bad urgency",
+            |d| d.priority = 7,
+            Code::InvalidArgument,
+            "document.priority",
+        ),
+        (
+            "no subject",
+            |d| d.subject.clear(),
+            Code::InvalidArgument,
+            "document.subject",
+        ),
+    ];
+    let mut refused_ids = Vec::new();
+    for (case, break_it, code, named) in cases {
+        let mut bad = document(COMMUNE, &[DISTRICT], case);
+        break_it(&mut bad);
+        refused_ids.push(bad.document_id.clone());
+        let status = commune
+            .send(wire::SendRequest {
+                document: Some(bad),
+            })
+            .await
+            .expect_err(case);
+        assert_eq!(status.code(), code, "{case}: {}", status.message());
+        assert!(
+            status.message().contains(named),
+            "{case}: `{}` names {named}",
+            status.message()
+        );
+    }
+    let missing = commune
+        .send(wire::SendRequest { document: None })
+        .await
+        .expect_err("no document");
+    assert_eq!(missing.code(), Code::InvalidArgument);
+
+    let mut anonymous =
+        lienthong_proto::v1::document_exchange_client::DocumentExchangeClient::connect(
+            hub.endpoint.clone(),
+        )
+        .await
+        .expect("connect");
+    let unauthenticated = anonymous
+        .send(wire::SendRequest {
+            document: Some(document(COMMUNE, &[DISTRICT], "anonymous")),
+        })
+        .await
+        .expect_err("no identity");
+    assert_eq!(unauthenticated.code(), Code::Unauthenticated);
+
+    // Nothing was stored or published: no document is known, no queue got a message.
+    for id in &refused_ids {
+        let status = commune
+            .track(wire::TrackRequest {
+                document_id: id.clone(),
+            })
+            .await
+            .expect_err("refused documents are unknown");
+        assert_eq!(status.code(), Code::NotFound, "{id}");
+    }
+    for agency in [DISTRICT, COMMUNE_2, PROVINCE] {
+        let mut client = hub.client(agency).await;
+        let mut stream = open_stream(&mut client).await;
+        assert_no_delivery(&mut stream, QUIET).await;
+    }
+    hub.finish().await;
+}
+
+async fn access_rules_hold<K: Into<Kind>>(kind: K) {
+    let hub = TestHub::start("access", HubOptions::new(kind.into().0)).await;
+    let mut commune = hub.client(COMMUNE).await;
+    let mut district = hub.client(DISTRICT).await;
+    let mut outsider = hub.client(COMMUNE_2).await;
+    let document_id = send(&mut commune, document(COMMUNE, &[DISTRICT], "Mật")).await;
+    let mut stream = open_stream(&mut district).await;
+    let delivery = next_delivery(&mut stream).await;
+
+    let denied = outsider
+        .track(wire::TrackRequest {
+            document_id: document_id.clone(),
+        })
+        .await
+        .expect_err("an outsider cannot track");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    assert!(denied.message().contains(COMMUNE_2), "{}", denied.message());
+
+    let denied = outsider
+        .ack(wire::AckRequest {
+            ack_token: delivery.ack_token.clone(),
+            reject: false,
+            reason: String::new(),
+        })
+        .await
+        .expect_err("an outsider cannot settle another agency's delivery");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+
+    let denied = outsider
+        .report_status(wire::StatusReport {
+            document_id: document_id.clone(),
+            status_code: "03".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("only a recipient reports status");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+
+    let denied = district
+        .report_status(wire::StatusReport {
+            document_id: document_id.clone(),
+            status_code: "13".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("only the sender requests a recall");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+
+    let invalid = district
+        .report_status(wire::StatusReport {
+            document_id: document_id.clone(),
+            status_code: "07".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("07 is not a status code");
+    assert_eq!(invalid.code(), Code::InvalidArgument);
+    assert!(
+        invalid.message().contains("status_code"),
+        "{}",
+        invalid.message()
+    );
+
+    let unknown = district
+        .ack(wire::AckRequest {
+            ack_token: "not-a-token".into(),
+            reject: false,
+            reason: String::new(),
+        })
+        .await
+        .expect_err("unknown token");
+    assert_eq!(unknown.code(), Code::FailedPrecondition);
+
+    // The refused calls changed nothing: the delivery is still the district's to settle.
+    ack(&mut district, &delivery).await;
+    let trace = track(&mut commune, &document_id).await;
+    assert_eq!(
+        receipt_kinds(&trace, DISTRICT),
+        vec![Accepted, Enqueued, Delivered, Acknowledged]
+    );
+    assert!(trace.recipients[0].statuses.is_empty());
+    hub.finish().await;
+}
+
+/// A copy of an acknowledged document put on the queue again (as a republish after a crash
+/// would) is dropped by the hub, never shown to the recipient.
+#[tokio::test]
+async fn a_duplicate_of_an_acknowledged_document_is_never_shown() {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use prost::Message;
+
+    let hub = TestHub::start("duplicate", HubOptions::new(TransportKind::Amqp)).await;
+    let mut commune = hub.client(COMMUNE).await;
+    let mut district = hub.client(DISTRICT).await;
+    let sent = document(COMMUNE, &[DISTRICT], "Thông báo");
+    let document_id = send(&mut commune, sent.clone()).await;
+    let mut stream = open_stream(&mut district).await;
+    let delivery = next_delivery(&mut stream).await;
+    ack(&mut district, &delivery).await;
+
+    let duplicate = wire::QueuedMessage {
+        message_id: document_id.clone(),
+        recipient: DISTRICT.into(),
+        payload: Some(wire::queued_message::Payload::Document(sent)),
+    };
+    let connection =
+        lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+            .await
+            .expect("connect to RabbitMQ");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let names = lienthong::transport::TopologyNames::new(&hub.files.prefix);
+    channel
+        .basic_publish(
+            names.documents_exchange().into(),
+            DISTRICT.into(),
+            BasicPublishOptions::default(),
+            &duplicate.encode_to_vec(),
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirmed");
+    assert_no_delivery(&mut stream, Duration::from_secs(1)).await;
+    let queue = channel
+        .queue_declare(
+            names.agency_queue(&DISTRICT.parse().expect("code")).into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("inspect the queue");
+    assert_eq!(
+        queue.message_count(),
+        0,
+        "the duplicate was consumed and dropped"
+    );
+    let _ = connection.close(200, "done".into()).await;
+    hub.finish().await;
+}
+
+/// While RabbitMQ cannot be reached, `Send` keeps accepting into the outbox up to its bound,
+/// then answers UNAVAILABLE naming the limit.
+#[tokio::test]
+async fn the_outbox_bound_refuses_with_unavailable() {
+    let options = HubOptions {
+        amqp_url: Some(format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port())),
+        max_outbox_messages: 3,
+        ..HubOptions::new(TransportKind::Amqp)
+    };
+    let hub = TestHub::start("outbox_bound", options).await;
+    let mut commune = hub.client(COMMUNE).await;
+    for n in 0..3 {
+        send(
+            &mut commune,
+            document(COMMUNE, &[DISTRICT], &format!("queued {n}")),
+        )
+        .await;
+    }
+    let refused = commune
+        .send(wire::SendRequest {
+            document: Some(document(COMMUNE, &[DISTRICT], "one too many")),
+        })
+        .await
+        .expect_err("the outbox is full");
+    assert_eq!(refused.code(), Code::Unavailable);
+    assert!(
+        refused.message().contains("max_outbox_messages"),
+        "{}",
+        refused.message()
+    );
+    hub.finish().await;
+}
+
+/// Picks the transport of a scenario.
+struct Kind(TransportKind);
+
+impl From<TransportKind> for Kind {
+    fn from(kind: TransportKind) -> Self {
+        Kind(kind)
+    }
+}
+
+macro_rules! on_both_transports {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test]
+            async fn amqp() {
+                super::$name(super::TransportKind::Amqp).await;
+            }
+
+            #[tokio::test]
+            async fn embedded() {
+                super::$name(super::TransportKind::Embedded).await;
+            }
+        }
+    };
+}
+
+on_both_transports!(send_receive_ack_track);
+on_both_transports!(status_reports_reach_the_other_party);
+on_both_transports!(unacknowledged_documents_are_redelivered);
+on_both_transports!(rejected_documents_come_back);
+on_both_transports!(sending_is_idempotent_on_the_document_id);
+on_both_transports!(bad_input_is_refused_and_leaves_no_trace);
+on_both_transports!(access_rules_hold);

@@ -96,7 +96,8 @@ pub struct ReceiveArgs {
     /// Show deliveries without acknowledging them (they will be redelivered).
     #[arg(long)]
     pub no_ack: bool,
-    /// Write each document's body and attachments under this directory.
+    /// Spool each document (body, attachments, summary) into this directory before
+    /// acknowledging it; see `lienthong_connectors::spool`.
     #[arg(long)]
     pub save_dir: Option<PathBuf>,
 }
@@ -269,7 +270,8 @@ async fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
                     document.attachments.len()
                 );
                 if let Some(dir) = &args.save_dir {
-                    let saved = save_document(dir, document)?;
+                    let saved = lienthong_connectors::spool::write_document(dir, document)
+                        .with_context(|| format!("spooling into {}", dir.display()))?;
                     println!("  saved to {}", saved.display());
                 }
             }
@@ -291,41 +293,6 @@ async fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Writes a document's body and attachments to `dir/<sanitized id>/`.
-fn save_document(dir: &std::path::Path, document: &wire::Document) -> anyhow::Result<PathBuf> {
-    let folder = dir.join(safe_file_name(&document.document_id));
-    std::fs::create_dir_all(&folder).with_context(|| format!("creating {}", folder.display()))?;
-    std::fs::write(folder.join("body"), &document.body)?;
-    for attachment in &document.attachments {
-        std::fs::write(
-            folder.join(safe_file_name(&attachment.name)),
-            &attachment.content,
-        )?;
-    }
-    Ok(folder)
-}
-
-/// A file name with every character outside letters, digits, `-`, `_` and `.` replaced, and no
-/// leading dot, so that names from the network cannot escape the target directory.
-pub fn safe_file_name(name: &str) -> String {
-    let cleaned: String = name
-        .chars()
-        .map(|c| {
-            if c.is_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let cleaned = cleaned.trim_start_matches('.');
-    if cleaned.is_empty() {
-        "_".into()
-    } else {
-        cleaned.to_owned()
-    }
 }
 
 async fn status(args: StatusArgs) -> anyhow::Result<()> {
@@ -391,20 +358,4 @@ pub fn describe_receipt(receipt: &wire::Receipt) -> String {
 
 fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn file_names_from_the_network_stay_inside_the_directory() {
-        assert_eq!(safe_file_name("../../etc/passwd"), "_.._etc_passwd");
-        assert_eq!(
-            safe_file_name("000.21.31.H53,2024/01/01,12/UBND"),
-            "000.21.31.H53_2024_01_01_12_UBND"
-        );
-        assert_eq!(safe_file_name(".."), "_");
-        assert_eq!(safe_file_name("quyết định.pdf"), "quyết_định.pdf");
-    }
 }

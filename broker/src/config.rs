@@ -73,7 +73,8 @@ pub struct Limits {
 pub struct DeliveryConfig {
     /// Deliveries a `Receive` stream may hold unacknowledged.
     pub prefetch: u16,
-    /// Deliveries of one message before it goes to the dead letters.
+    /// Returns (rejections, failed deliveries) of one message before it goes to the dead letters:
+    /// a message is delivered at most `delivery_limit + 1` times.
     pub delivery_limit: u32,
     /// How long a graceful shutdown waits for work in progress.
     pub shutdown_grace: Duration,

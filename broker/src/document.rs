@@ -265,7 +265,8 @@ mod tests {
 
     #[test]
     fn each_bad_field_is_named() {
-        let cases: Vec<(fn(&mut wire::Document), &str)> = vec![
+        type Breaker = fn(&mut wire::Document);
+        let cases: Vec<(Breaker, &str)> = vec![
             (|d| d.from = "H53".into(), "document.from"),
             (|d| d.to.clear(), "document.to"),
             (

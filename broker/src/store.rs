@@ -60,6 +60,9 @@ pub struct PendingPublish {
     /// The encoded `QueuedMessage` to put on the recipient's queue.
     pub payload: Vec<u8>,
     document_id: Option<String>,
+    /// The sequence number of the ENQUEUED receipt, taken before publishing so that it orders
+    /// before the DELIVERED receipt of a consumer that is faster than the publisher confirm.
+    enqueued_seq: u64,
 }
 
 /// A message settled for a recipient: a document or a status report.
@@ -344,6 +347,7 @@ impl Store {
                 recipient: entry.recipient,
                 payload,
                 document_id,
+                enqueued_seq: inner.db.generate_id()?,
             });
         }
         Ok(batch)
@@ -393,7 +397,7 @@ impl Store {
         inner.outbox_len.fetch_sub(1, Ordering::Relaxed);
         if let Some(document_id) = &published.document_id {
             self.append_receipt(
-                inner.db.generate_id()?,
+                published.enqueued_seq,
                 document_id,
                 &published.recipient,
                 ReceiptKind::Enqueued,

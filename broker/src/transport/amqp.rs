@@ -28,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long opening a subscription waits for a connection.
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
 
 /// Settings of the RabbitMQ transport.
 #[derive(Clone)]
@@ -36,7 +38,8 @@ pub struct AmqpSettings {
     pub names: TopologyNames,
     /// Every agency gets a queue bound to its code.
     pub agencies: Vec<AgencyCode>,
-    /// Deliveries of one message before RabbitMQ dead-letters it (`x-delivery-limit`).
+    /// Returns of one message before RabbitMQ dead-letters it (`x-delivery-limit`): a message
+    /// is delivered at most `delivery_limit + 1` times.
     pub delivery_limit: u32,
 }
 
@@ -173,6 +176,9 @@ impl Transport for AmqpTransport {
         agency: &AgencyCode,
         prefetch: u16,
     ) -> Result<AmqpSubscription, TransportError> {
+        // A stream opened while the connection is being (re)established waits a little for it
+        // rather than failing at once.
+        self.wait_connected(SUBSCRIBE_WAIT).await?;
         let session = self.session()?;
         let queue = self.inner.settings.names.agency_queue(agency);
         let subscribe = async {
@@ -460,4 +466,37 @@ fn agency_queue_arguments(settings: &AmqpSettings) -> FieldTable {
         AMQPValue::LongLongInt(i64::from(settings.delivery_limit)),
     );
     arguments
+}
+
+/// Deletes every exchange and queue of `names` for `agencies`, with their messages. For tests
+/// and for decommissioning a hub; a running hub would declare them again.
+pub async fn delete_topology(
+    url: &str,
+    names: &TopologyNames,
+    agencies: &[AgencyCode],
+) -> Result<(), lapin::Error> {
+    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    for agency in agencies {
+        channel
+            .queue_delete(
+                names.agency_queue(agency).into(),
+                QueueDeleteOptions::default(),
+            )
+            .await?;
+    }
+    channel
+        .queue_delete(
+            names.dead_letter_queue().into(),
+            QueueDeleteOptions::default(),
+        )
+        .await?;
+    for exchange in [names.documents_exchange(), names.dead_letter_exchange()] {
+        channel
+            .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+            .await?;
+    }
+    connection.close(200, "topology deleted".into()).await?;
+    Ok(())
 }

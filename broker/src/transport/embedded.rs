@@ -164,7 +164,7 @@ impl Queue {
         };
         let (_, delivery_count, payload) = decode_value(&value)?;
         let delivery_count = delivery_count + u32::from(count_delivery);
-        if delivery_count >= self.delivery_limit {
+        if delivery_count > self.delivery_limit {
             self.move_to_dead_letters(key, payload)?;
         } else {
             self.tree

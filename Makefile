@@ -1,0 +1,36 @@
+# lienthong — the two commands a newcomer needs are `make run` and `make test`.
+
+CARGO ?= cargo
+
+.PHONY: run run-amqp test bench fmt lint rabbitmq clean-test-queues
+
+## Starts a hub on the embedded transport (no RabbitMQ needed), gRPC on 127.0.0.1:50051.
+run:
+	$(CARGO) run --bin lienthong -- serve --config config/lienthong.toml
+
+## Starts a hub on RabbitMQ (started or installed first if needed).
+run-amqp: rabbitmq
+	$(CARGO) run --bin lienthong -- serve --config config/lienthong-amqp.toml
+
+## The whole suite: unit, conformance, end-to-end and process tests, against a real RabbitMQ.
+test: rabbitmq
+	$(CARGO) test --workspace --all-targets
+
+## Benchmarks (release build).
+bench: rabbitmq
+	$(CARGO) bench -p lienthong --bench exchange
+
+fmt:
+	$(CARGO) fmt --all
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## Makes sure RabbitMQ runs on 127.0.0.1:5672: installs and starts it when needed.
+rabbitmq:
+	@.ci/ensure-rabbitmq
+
+## Deletes queues left by interrupted test runs (names start with lt-test-).
+clean-test-queues:
+	@.ci/clean-test-queues

@@ -1,0 +1,421 @@
+//! Shared helpers of the integration tests: unique RabbitMQ namespaces, hubs started in-process
+//! or as real processes on loopback, clients speaking as an agency, and waiting with deadlines.
+//!
+//! Every test gets its own `[transport] prefix` (and so its own exchanges and queues), so tests
+//! run in parallel on one RabbitMQ without seeing each other; each deletes its topology at the end.
+
+#![allow(dead_code, unreachable_pub)]
+
+use lienthong::agency::AgencyCode;
+use lienthong::client::{ExchangeClient, connect};
+use lienthong::config::Config;
+use lienthong::directory::AgencyDirectory;
+use lienthong::transport::TopologyNames;
+use lienthong_proto::v1 as wire;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const PROVINCE: &str = "000.00.00.H53";
+pub const DISTRICT: &str = "000.00.31.H53";
+pub const COMMUNE: &str = "000.21.31.H53";
+pub const COMMUNE_2: &str = "000.22.31.H53";
+pub const MINISTRY: &str = "000.00.00.G22";
+/// A well-formed code that is not in the test directory.
+pub const STRANGER_CODE: &str = "000.99.31.H53";
+
+/// The RabbitMQ the tests use (`LIENTHONG_TEST_AMQP_URL`, default the local guest account).
+pub fn amqp_url() -> String {
+    std::env::var("LIENTHONG_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// The agencies of the test directory.
+pub fn test_agencies() -> Vec<AgencyCode> {
+    [PROVINCE, DISTRICT, COMMUNE, COMMUNE_2, MINISTRY]
+        .iter()
+        .map(|code| code.parse().expect("valid test code"))
+        .collect()
+}
+
+pub fn test_directory_toml() -> String {
+    test_agencies()
+        .iter()
+        .map(|code| format!("[[agency]]\ncode = \"{code}\"\nname = \"Test agency {code}\"\n"))
+        .collect()
+}
+
+pub fn test_directory() -> AgencyDirectory {
+    AgencyDirectory::parse(&test_directory_toml()).expect("valid test directory")
+}
+
+/// A namespace no other test uses: `lt-test-<name>-<random>`.
+pub fn unique_prefix(name: &str) -> String {
+    format!("lt-test-{name}-{:08x}", rand::random::<u32>())
+}
+
+/// Which transport a test hub runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    Amqp,
+    Embedded,
+}
+
+/// Settings of a test hub; the defaults suit most tests.
+#[derive(Debug, Clone)]
+pub struct HubOptions {
+    pub kind: TransportKind,
+    /// Overrides the AMQP URL (to point at a port where nothing listens).
+    pub amqp_url: Option<String>,
+    pub max_document_bytes: usize,
+    pub max_outbox_messages: u64,
+    pub prefetch: u16,
+    pub delivery_limit: u32,
+    pub grpc_listen: String,
+}
+
+impl HubOptions {
+    pub fn new(kind: TransportKind) -> Self {
+        HubOptions {
+            kind,
+            amqp_url: None,
+            max_document_bytes: 64 * 1024,
+            max_outbox_messages: 10_000,
+            prefetch: 16,
+            delivery_limit: 5,
+            grpc_listen: "127.0.0.1:0".into(),
+        }
+    }
+}
+
+/// The files a hub needs: a data directory, a directory file and a configuration file.
+#[derive(Debug)]
+pub struct HubFiles {
+    pub dir: TempDir,
+    pub prefix: String,
+    pub config_path: PathBuf,
+}
+
+impl HubFiles {
+    pub fn create(name: &str, options: &HubOptions) -> HubFiles {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let prefix = unique_prefix(name);
+        let files = HubFiles {
+            config_path: dir.path().join("lienthong.toml"),
+            dir,
+            prefix,
+        };
+        files.write_config(options);
+        files
+    }
+
+    /// Rewrites the configuration (same data, directory and prefix) with other options.
+    pub fn write_config(&self, options: &HubOptions) {
+        let directory_path = self.dir.path().join("agencies.toml");
+        std::fs::write(&directory_path, test_directory_toml()).expect("write directory");
+        let kind = match options.kind {
+            TransportKind::Amqp => "amqp",
+            TransportKind::Embedded => "embedded",
+        };
+        let amqp_url = options.amqp_url.clone().unwrap_or_else(amqp_url);
+        let config = format!(
+            r#"
+[hub]
+code = "{PROVINCE}"
+[server]
+grpc_listen = "{grpc_listen}"
+http_listen = "127.0.0.1:0"
+[storage]
+data_dir = "{data_dir}"
+[transport]
+kind = "{kind}"
+amqp_url = "{amqp_url}"
+prefix = "{prefix}"
+[directory]
+file = "{directory}"
+[limits]
+max_document_bytes = {max_document_bytes}
+max_outbox_messages = {max_outbox_messages}
+[delivery]
+prefetch = {prefetch}
+delivery_limit = {delivery_limit}
+shutdown_grace_ms = 3000
+"#,
+            grpc_listen = options.grpc_listen,
+            data_dir = self.dir.path().join("data").display(),
+            prefix = self.prefix,
+            directory = directory_path.display(),
+            max_document_bytes = options.max_document_bytes,
+            max_outbox_messages = options.max_outbox_messages,
+            prefetch = options.prefetch,
+            delivery_limit = options.delivery_limit,
+        );
+        std::fs::write(&self.config_path, config).expect("write config");
+    }
+
+    pub fn config(&self) -> Config {
+        Config::load(&self.config_path).expect("valid test config")
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Deletes this hub's RabbitMQ exchanges and queues.
+    pub async fn delete_topology(&self) {
+        lienthong::transport::amqp::delete_topology(
+            &amqp_url(),
+            &TopologyNames::new(&self.prefix),
+            &test_agencies(),
+        )
+        .await
+        .expect("delete the test topology");
+    }
+}
+
+/// A hub running inside the test process.
+#[derive(Debug)]
+pub struct TestHub {
+    pub endpoint: String,
+    pub files: HubFiles,
+    pub options: HubOptions,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestHub {
+    pub async fn start(name: &str, options: HubOptions) -> TestHub {
+        let files = HubFiles::create(name, &options);
+        TestHub::start_with(files, options).await
+    }
+
+    /// Starts a hub on existing files (a restart keeps the data directory and prefix).
+    pub async fn start_with(files: HubFiles, options: HubOptions) -> TestHub {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let endpoint = format!("http://{}", listener.local_addr().expect("address"));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(lienthong::server::run(
+            files.config(),
+            listener,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        TestHub {
+            endpoint,
+            files,
+            options,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub async fn client(&self, agency: &str) -> ExchangeClient {
+        connect(&self.endpoint, agency)
+            .await
+            .expect("connect to the test hub")
+    }
+
+    /// Stops the hub gracefully and returns its files (for a restart).
+    pub async fn stop(mut self) -> HubFiles {
+        self.shutdown().await;
+        let TestHub { files, .. } = self;
+        files
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let result = tokio::time::timeout(Duration::from_secs(15), task)
+                .await
+                .expect("the hub stops within 15 s")
+                .expect("the hub task does not panic");
+            result.expect("the hub stops cleanly");
+        }
+    }
+
+    /// Stops the hub and deletes its RabbitMQ topology.
+    pub async fn finish(mut self) {
+        self.shutdown().await;
+        if self.options.kind == TransportKind::Amqp {
+            self.files.delete_topology().await;
+        }
+    }
+}
+
+/// A hub running as a real `lienthong serve` process.
+#[derive(Debug)]
+pub struct HubProcess {
+    pub child: tokio::process::Child,
+    pub endpoint: String,
+}
+
+impl HubProcess {
+    /// Starts the binary on `files` with a free loopback port and waits until it serves.
+    pub async fn start(files: &HubFiles, options: &HubOptions) -> HubProcess {
+        let port = free_port();
+        let options = HubOptions {
+            grpc_listen: format!("127.0.0.1:{port}"),
+            ..options.clone()
+        };
+        files.write_config(&options);
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lienthong"))
+            .args(["serve", "--config"])
+            .arg(&files.config_path)
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the lienthong binary");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let process = HubProcess { child, endpoint };
+        process.wait_serving().await;
+        process
+    }
+
+    async fn wait_serving(&self) {
+        eventually(
+            "the hub process serves gRPC",
+            Duration::from_secs(20),
+            || async { connect(&self.endpoint, PROVINCE).await.is_ok() },
+        )
+        .await;
+    }
+
+    pub async fn client(&self, agency: &str) -> ExchangeClient {
+        connect(&self.endpoint, agency)
+            .await
+            .expect("connect to the hub process")
+    }
+
+    /// SIGKILL: no chance to flush or close anything.
+    pub async fn kill(mut self) {
+        self.child.kill().await.expect("kill the hub");
+    }
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Polls `condition` until it holds, failing the test after `deadline`.
+pub async fn eventually<F, Fut>(what: &str, deadline: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = tokio::time::Instant::now();
+    while !condition().await {
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A document from `from` to `to` with a unique id.
+pub fn document(from: &str, to: &[&str], subject: &str) -> wire::Document {
+    wire::Document {
+        document_id: format!("{from},2026/11/27,{:08x}/TEST", rand::random::<u32>()),
+        from: from.into(),
+        to: to.iter().map(|s| (*s).to_owned()).collect(),
+        subject: subject.into(),
+        code_number: "1".into(),
+        code_notation: "TEST".into(),
+        body: format!("body of {subject}").into_bytes(),
+        ..Default::default()
+    }
+}
+
+/// Sends a document and returns its id.
+pub async fn send(client: &mut ExchangeClient, document: wire::Document) -> String {
+    client
+        .send(wire::SendRequest {
+            document: Some(document),
+        })
+        .await
+        .expect("send accepted")
+        .into_inner()
+        .document_id
+}
+
+/// Opens a `Receive` stream.
+pub async fn open_stream(client: &mut ExchangeClient) -> tonic::Streaming<wire::Delivery> {
+    client
+        .receive(wire::ReceiveRequest {})
+        .await
+        .expect("receive stream opens")
+        .into_inner()
+}
+
+/// The next delivery, failing the test if none comes within 10 s.
+pub async fn next_delivery(stream: &mut tonic::Streaming<wire::Delivery>) -> wire::Delivery {
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("a delivery within 10 s")
+        .expect("the stream is healthy")
+        .expect("the stream is open")
+}
+
+/// Asserts that no delivery arrives within `quiet`.
+pub async fn assert_no_delivery(stream: &mut tonic::Streaming<wire::Delivery>, quiet: Duration) {
+    if let Ok(result) = tokio::time::timeout(quiet, stream.message()).await {
+        let delivery = result.expect("the stream is healthy");
+        panic!("expected no delivery, got {delivery:?}");
+    }
+}
+
+pub fn delivered_document(delivery: &wire::Delivery) -> &wire::Document {
+    match &delivery.payload {
+        Some(wire::delivery::Payload::Document(document)) => document,
+        other => panic!("expected a document, got {other:?}"),
+    }
+}
+
+pub async fn ack(client: &mut ExchangeClient, delivery: &wire::Delivery) {
+    client
+        .ack(wire::AckRequest {
+            ack_token: delivery.ack_token.clone(),
+            reject: false,
+            reason: String::new(),
+        })
+        .await
+        .expect("ack accepted");
+}
+
+pub async fn track(client: &mut ExchangeClient, document_id: &str) -> wire::TrackResponse {
+    client
+        .track(wire::TrackRequest {
+            document_id: document_id.into(),
+        })
+        .await
+        .expect("track answers")
+        .into_inner()
+}
+
+/// The kinds of a recipient's receipts, in order.
+pub fn receipt_kinds(trace: &wire::TrackResponse, agency: &str) -> Vec<wire::ReceiptKind> {
+    trace
+        .recipients
+        .iter()
+        .find(|r| r.agency == agency)
+        .unwrap_or_else(|| panic!("{agency} is a recipient"))
+        .receipts
+        .iter()
+        .map(|r| r.kind())
+        .collect()
+}
+
+pub fn data_dir_exists(path: &Path) -> bool {
+    path.join("db").exists() || path.join("conf").exists()
+}
