@@ -257,6 +257,10 @@ async fn requeued_messages_go_to_the_dead_letters_at_the_limit<T: Transport>(tra
     {
         assert_eq!(text(&message), "poison");
         assert_eq!(message.redelivered, deliveries > 0);
+        assert_eq!(
+            message.delivery_count, deliveries,
+            "returns before this delivery"
+        );
         deliveries += 1;
         message.acker.requeue().await.expect("requeue");
         assert!(

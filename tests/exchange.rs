@@ -580,6 +580,136 @@ async fn the_outbox_bound_refuses_with_unavailable() {
     hub.finish().await;
 }
 
+async fn a_document_rejected_past_the_delivery_limit_is_dead_lettered<K: Into<Kind>>(kind: K) {
+    let kind = kind.into().0;
+    let options = HubOptions {
+        delivery_limit: 2,
+        ..HubOptions::new(kind)
+    };
+    let hub = TestHub::start("poison", options).await;
+    let mut commune = hub.client(COMMUNE).await;
+    let mut district = hub.client(DISTRICT).await;
+    let mut stream = open_stream(&mut district).await;
+    let poison = send(&mut commune, document(COMMUNE, &[DISTRICT], "poison")).await;
+    for attempt in 0..3 {
+        let delivery = next_delivery(&mut stream).await;
+        assert_eq!(delivered_document(&delivery).document_id, poison);
+        assert_eq!(delivery.redelivered, attempt > 0);
+        district
+            .ack(wire::AckRequest {
+                ack_token: delivery.ack_token.clone(),
+                reject: true,
+                reason: format!("cannot parse, attempt {attempt}"),
+            })
+            .await
+            .expect("reject");
+    }
+    // Dead-lettered: not delivered again, and other documents still flow.
+    let healthy = send(&mut commune, document(COMMUNE, &[DISTRICT], "healthy")).await;
+    let delivery = next_delivery(&mut stream).await;
+    assert_eq!(delivered_document(&delivery).document_id, healthy);
+    ack(&mut district, &delivery).await;
+    assert_no_delivery(&mut stream, QUIET).await;
+
+    let trace = track(&mut commune, &poison).await;
+    let dead = wire::ReceiptKind::DeadLettered;
+    assert_eq!(
+        receipt_kinds(&trace, DISTRICT),
+        vec![
+            Accepted, Enqueued, Delivered, Rejected, Delivered, Rejected, Delivered, dead
+        ]
+    );
+    assert_eq!(
+        trace.recipients[0].state(),
+        wire::DeliveryState::DeadLettered
+    );
+    let reason = &trace.recipients[0].receipts.last().expect("receipt").detail;
+    assert!(
+        reason.contains("delivery_limit 2") && reason.contains("attempt 2"),
+        "{reason}"
+    );
+    if kind == TransportKind::Amqp {
+        let names = lienthong::transport::TopologyNames::new(&hub.files.prefix);
+        eventually(
+            "the dead-letter queue holds the poison document",
+            Duration::from_secs(10),
+            || async { amqp_queue_depth(&names.dead_letter_queue()).await == 1 },
+        )
+        .await;
+    }
+    hub.finish().await;
+}
+
+async fn a_stuck_recipient_does_not_delay_another<K: Into<Kind>>(kind: K) {
+    let options = HubOptions {
+        prefetch: 2,
+        ..HubOptions::new(kind.into().0)
+    };
+    let hub = TestHub::start("stuck", options).await;
+    let mut commune = hub.client(COMMUNE).await;
+    let mut district = hub.client(DISTRICT).await;
+    let mut neighbour = hub.client(COMMUNE_2).await;
+    let mut stuck = open_stream(&mut district).await;
+    let mut flowing = open_stream(&mut neighbour).await;
+    for n in 0..6 {
+        send(
+            &mut commune,
+            document(COMMUNE, &[DISTRICT], &format!("backlog {n}")),
+        )
+        .await;
+    }
+    // The district holds its prefetch of 2 and acknowledges nothing.
+    next_delivery(&mut stuck).await;
+    next_delivery(&mut stuck).await;
+    assert_no_delivery(&mut stuck, QUIET).await;
+    for n in 0..3 {
+        let id = send(
+            &mut commune,
+            document(COMMUNE, &[COMMUNE_2], &format!("other {n}")),
+        )
+        .await;
+        let delivery = next_delivery(&mut flowing).await;
+        assert_eq!(delivered_document(&delivery).document_id, id);
+        ack(&mut neighbour, &delivery).await;
+    }
+    hub.finish().await;
+}
+
+/// Documents that waited in the outbox (RabbitMQ unreachable) are published most urgent first.
+#[tokio::test]
+async fn the_outbox_drains_most_urgent_first() {
+    let unreachable = HubOptions {
+        amqp_url: Some(format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port())),
+        ..HubOptions::new(TransportKind::Amqp)
+    };
+    let hub = TestHub::start("drain_order", unreachable).await;
+    let mut commune = hub.client(COMMUNE).await;
+    let mut expected = Vec::new();
+    for (n, priority) in [0, 0, 3, 1, 0, 4, 3, 2, 0, 4].into_iter().enumerate() {
+        let mut doc = document(COMMUNE, &[DISTRICT], &format!("urgency {priority} #{n}"));
+        doc.priority = priority;
+        expected.push((priority, send(&mut commune, doc).await));
+    }
+    let files = hub.stop().await;
+    // Most urgent first, then oldest first.
+    expected.sort_by_key(|(priority, _)| std::cmp::Reverse(*priority));
+
+    let reachable = HubOptions::new(TransportKind::Amqp);
+    files.write_config(&reachable);
+    let hub = TestHub::start_with(files, reachable).await;
+    let mut district = hub.client(DISTRICT).await;
+    let mut stream = open_stream(&mut district).await;
+    let mut received = Vec::new();
+    for _ in 0..expected.len() {
+        let delivery = next_delivery(&mut stream).await;
+        let document = delivered_document(&delivery);
+        received.push((document.priority, document.document_id.clone()));
+        ack(&mut district, &delivery).await;
+    }
+    assert_eq!(received, expected);
+    hub.finish().await;
+}
+
 /// Picks the transport of a scenario.
 struct Kind(TransportKind);
 
@@ -612,3 +742,5 @@ on_both_transports!(rejected_documents_come_back);
 on_both_transports!(sending_is_idempotent_on_the_document_id);
 on_both_transports!(bad_input_is_refused_and_leaves_no_trace);
 on_both_transports!(access_rules_hold);
+on_both_transports!(a_document_rejected_past_the_delivery_limit_is_dead_lettered);
+on_both_transports!(a_stuck_recipient_does_not_delay_another);

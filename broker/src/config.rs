@@ -78,6 +78,10 @@ pub struct DeliveryConfig {
     pub delivery_limit: u32,
     /// How long a graceful shutdown waits for work in progress.
     pub shutdown_grace: Duration,
+    /// The wait before a rejected message returns to its queue, doubled with each return…
+    pub retry_backoff_base: Duration,
+    /// …up to this.
+    pub retry_backoff_max: Duration,
 }
 
 /// A configuration that cannot be used, in one line.
@@ -206,6 +210,8 @@ struct DeliveryToml {
     prefetch: u16,
     delivery_limit: u32,
     shutdown_grace_ms: u64,
+    retry_backoff_base_ms: u64,
+    retry_backoff_max_ms: u64,
 }
 
 impl Default for DeliveryToml {
@@ -214,6 +220,8 @@ impl Default for DeliveryToml {
             prefetch: 64,
             delivery_limit: 10,
             shutdown_grace_ms: 10_000,
+            retry_backoff_base_ms: 1_000,
+            retry_backoff_max_ms: 60_000,
         }
     }
 }
@@ -262,6 +270,8 @@ impl Config {
                     prefetch,
                     delivery_limit,
                     shutdown_grace_ms,
+                    retry_backoff_base_ms,
+                    retry_backoff_max_ms,
                 },
         } = parsed;
 
@@ -321,6 +331,8 @@ impl Config {
                 prefetch,
                 delivery_limit,
                 shutdown_grace: Duration::from_millis(shutdown_grace_ms),
+                retry_backoff_base: Duration::from_millis(retry_backoff_base_ms),
+                retry_backoff_max: Duration::from_millis(retry_backoff_max_ms),
             },
         })
     }

@@ -16,6 +16,7 @@ use lienthong_proto::v1 as wire;
 use prost::Message;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -53,6 +54,8 @@ struct HubInner<T: Transport> {
 struct PendingAck<A> {
     stream_id: u64,
     message: MessageRef,
+    /// Returns of the message before this delivery (see `Inbound::delivery_count`).
+    delivery_count: u32,
     acker: A,
 }
 
@@ -170,52 +173,92 @@ impl<T: Transport> Hub<T> {
         let (sender, receiver) = mpsc::channel(usize::from(prefetch));
         let hub = self.clone();
         let caller = caller.clone();
-        let stream_id = rand::random::<u64>();
-        tokio::spawn(async move {
-            hub.deliver(caller, stream_id, subscription, sender, shutdown)
-                .await;
-            hub.pending_acks()
-                .retain(|_, pending| pending.stream_id != stream_id);
-        });
+        tokio::spawn(async move { hub.deliver(caller, subscription, sender, shutdown).await });
         Ok(receiver)
     }
 
+    /// Pumps one stream. When the subscription fails (the transport reconnects), it subscribes
+    /// again and the stream goes on; the ack tokens issued before are forgotten, so acking them
+    /// answers FAILED_PRECONDITION, and their deliveries come again.
     async fn deliver(
         &self,
         caller: AgencyCode,
-        stream_id: u64,
         mut subscription: T::Subscription,
         sender: mpsc::Sender<Result<wire::Delivery, HubError>>,
         shutdown: CancellationToken,
     ) {
+        let mut stream_id = rand::random::<u64>();
         loop {
             let inbound = tokio::select! {
                 inbound = subscription.next() => inbound,
-                () = sender.closed() => return,
-                () = shutdown.cancelled() => return,
+                () = sender.closed() => break,
+                () = shutdown.cancelled() => break,
             };
             let inbound = match inbound {
                 Ok(inbound) => inbound,
                 Err(error) => {
-                    tracing::warn!(agency = %caller, %error, "delivery stream interrupted");
-                    let _ = sender.send(Err(HubError::Transport(error))).await;
-                    return;
+                    tracing::warn!(agency = %caller, %error, "delivery subscription lost; subscribing again");
+                    self.forget_stream(stream_id);
+                    match self.resubscribe(&caller, &sender, &shutdown).await {
+                        Some(renewed) => {
+                            subscription = renewed;
+                            stream_id = rand::random::<u64>();
+                            tracing::info!(agency = %caller, "delivery stream resumed");
+                            continue;
+                        }
+                        None => return,
+                    }
                 }
             };
             match self.prepare_delivery(&caller, stream_id, inbound).await {
                 Ok(Some(delivery)) => {
                     if sender.send(Ok(delivery)).await.is_err() {
-                        return;
+                        break;
                     }
                 }
                 Ok(None) => {}
                 Err(error) => {
                     tracing::error!(agency = %caller, %error, "cannot record a delivery");
                     let _ = sender.send(Err(error)).await;
-                    return;
+                    break;
                 }
             }
         }
+        self.forget_stream(stream_id);
+    }
+
+    /// Subscribes again with backoff until it works, the client leaves, or the hub stops.
+    async fn resubscribe(
+        &self,
+        caller: &AgencyCode,
+        sender: &mpsc::Sender<Result<wire::Delivery, HubError>>,
+        shutdown: &CancellationToken,
+    ) -> Option<T::Subscription> {
+        const MAX_BACKOFF: Duration = Duration::from_secs(5);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let prefetch = self.inner.config.delivery.prefetch;
+            tokio::select! {
+                subscribed = self.inner.transport.subscribe(caller, prefetch) => match subscribed {
+                    Ok(subscription) => return Some(subscription),
+                    Err(error) => tracing::debug!(agency = %caller, %error, "subscribing again failed"),
+                },
+                () = sender.closed() => return None,
+                () = shutdown.cancelled() => return None,
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = sender.closed() => return None,
+                () = shutdown.cancelled() => return None,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Forgets the ack tokens of one stream; their transport ackers are dropped with them.
+    fn forget_stream(&self, stream_id: u64) {
+        self.pending_acks()
+            .retain(|_, pending| pending.stream_id != stream_id);
     }
 
     /// Turns a message from the queue into a delivery, or settles it at once when it must not
@@ -272,6 +315,7 @@ impl<T: Transport> Hub<T> {
             PendingAck {
                 stream_id,
                 message: message_ref,
+                delivery_count: inbound.delivery_count,
                 acker: inbound.acker,
             },
         );
@@ -310,20 +354,46 @@ impl<T: Transport> Hub<T> {
             }
         };
         let store = &self.inner.store;
-        if reject {
-            store.mark_rejected(&pending.message, reason, now_unix_ms())?;
-            store.durable().await?;
-            if let Err(error) = pending.acker.requeue().await {
-                tracing::debug!(%error, "requeue after reject failed; the transport will redeliver");
-            }
-        } else {
+        if !reject {
             store.mark_acknowledged(&pending.message, now_unix_ms())?;
             store.durable().await?;
             if let Err(error) = pending.acker.ack().await {
                 // The acknowledgement is on disk: a redelivery will be recognised and dropped.
                 tracing::debug!(%error, "transport ack failed after the acknowledgement was recorded");
             }
+            return Ok(());
         }
+        let delivery = &self.inner.config.delivery;
+        if pending.delivery_count >= delivery.delivery_limit {
+            let reason = format!(
+                "rejected on delivery {} of at most {} (delivery_limit {}): {reason}",
+                pending.delivery_count + 1,
+                delivery.delivery_limit + 1,
+                delivery.delivery_limit
+            );
+            store.mark_dead_lettered(&pending.message, &reason, now_unix_ms())?;
+            store.durable().await?;
+            tracing::warn!(message_id = %pending.message.message_id, recipient = %caller, %reason, "dead-lettered");
+            if let Err(error) = pending.acker.dead_letter().await {
+                tracing::debug!(%error, "dead-lettering failed; the transport will redeliver");
+            }
+            return Ok(());
+        }
+        store.mark_rejected(&pending.message, reason, now_unix_ms())?;
+        store.durable().await?;
+        // The message goes back to the queue after a backoff that doubles with each return; it
+        // holds one prefetch slot of this stream meanwhile, so other agencies are not delayed.
+        let backoff = retry_backoff(
+            pending.delivery_count,
+            delivery.retry_backoff_base,
+            delivery.retry_backoff_max,
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(backoff).await;
+            if let Err(error) = pending.acker.requeue().await {
+                tracing::debug!(%error, "requeue after reject failed; the transport will redeliver");
+            }
+        });
         Ok(())
     }
 
@@ -447,9 +517,31 @@ fn parse_stored_code(code: &str) -> Result<AgencyCode, HubError> {
     })
 }
 
+/// The wait before a rejected message returns to its queue: `base * 2^returns`, at most `max`.
+pub fn retry_backoff(returns: u32, base: Duration, max: Duration) -> Duration {
+    base.saturating_mul(2u32.saturating_pow(returns.min(30)))
+        .min(max)
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_backoff_doubles_up_to_its_maximum() {
+        let base = Duration::from_millis(100);
+        let max = Duration::from_secs(5);
+        let waits: Vec<u128> = (0..8)
+            .map(|n| retry_backoff(n, base, max).as_millis())
+            .collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(retry_backoff(u32::MAX, base, max), max);
+    }
 }

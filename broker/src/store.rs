@@ -34,6 +34,14 @@ pub enum StoreError {
         data_dir: PathBuf,
         source: sled::Error,
     },
+    #[error(
+        "the hub's database in {data_dir} has lost records: its receipt log ends at #{found}, but #{durable} was on disk before; the hub refuses to start on a damaged database (restore it from a backup)"
+    )]
+    LostRecords {
+        data_dir: PathBuf,
+        durable: u64,
+        found: u64,
+    },
     #[error("database error: {0}")]
     Sled(#[from] sled::Error),
     #[error("a stored record is unreadable: {0}")]
@@ -117,17 +125,34 @@ impl Store {
             .map_err(open_error)?;
         let tree = |name: &str| db.open_tree(name).map_err(open_error);
         let outbox = tree("outbox")?;
+        let receipts = tree("receipts")?;
+        let watermark = Watermark::new(data_dir);
+        let found = last_seq(&receipts)?;
+        if let Some(durable) = watermark.read()
+            && found < durable
+        {
+            return Err(StoreError::LostRecords {
+                data_dir: data_dir.to_owned(),
+                durable,
+                found,
+            });
+        }
         let outbox_len = AtomicU64::new(outbox.len() as u64);
         let group_commit = Arc::new(GroupCommit::new());
-        let flusher =
-            tokio::spawn(GroupCommit::run(group_commit.clone(), db.clone())).abort_handle();
+        let flusher = tokio::spawn(GroupCommit::run(
+            group_commit.clone(),
+            db.clone(),
+            receipts.clone(),
+            watermark,
+        ))
+        .abort_handle();
         Ok(Store {
             inner: Arc::new(StoreInner {
                 hub_code: hub_code.to_string(),
                 documents: tree("documents")?,
                 document_bodies: tree("document_bodies")?,
                 outbox_refs: tree("outbox_refs")?,
-                receipts: tree("receipts")?,
+                receipts,
                 receipts_by_document: tree("receipts_by_document")?,
                 delivered: tree("delivered")?,
                 settled: tree("settled")?,
@@ -467,12 +492,32 @@ impl Store {
         reason: &str,
         now_unix_ms: i64,
     ) -> Result<(), StoreError> {
+        self.append_refusal(message, ReceiptKind::Rejected, reason, now_unix_ms)
+    }
+
+    /// Records that a message went to the dead letters, with the reason.
+    pub fn mark_dead_lettered(
+        &self,
+        message: &MessageRef,
+        reason: &str,
+        now_unix_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.append_refusal(message, ReceiptKind::DeadLettered, reason, now_unix_ms)
+    }
+
+    fn append_refusal(
+        &self,
+        message: &MessageRef,
+        kind: ReceiptKind,
+        reason: &str,
+        now_unix_ms: i64,
+    ) -> Result<(), StoreError> {
         if let Some(document_id) = &message.document_id {
             self.append_receipt(
                 self.inner.db.generate_id()?,
                 document_id,
                 message.recipient.as_str(),
-                ReceiptKind::Rejected,
+                kind,
                 now_unix_ms,
                 ReceiptDetail {
                     detail: reason,
@@ -623,6 +668,43 @@ fn unwrap_transaction<T>(result: Result<T, TransactionError<StoreError>>) -> Res
     })
 }
 
+/// The highest receipt sequence number known to be on disk, kept in a file beside the database.
+///
+/// sled recovers a damaged log by keeping its intact prefix, which would silently lose the newest
+/// records. The watermark is written after each group flush (without fsync: it only has to
+/// survive the hub process, and a stale one is merely a weaker check), and checked at open: a
+/// receipt log that ends before the watermark means records were lost.
+#[derive(Debug)]
+struct Watermark {
+    path: PathBuf,
+}
+
+impl Watermark {
+    fn new(data_dir: &Path) -> Self {
+        Watermark {
+            path: data_dir.join("durable-receipt-watermark"),
+        }
+    }
+
+    fn read(&self) -> Option<u64> {
+        let bytes = std::fs::read(&self.path).ok()?;
+        Some(u64::from_be_bytes(bytes.as_slice().try_into().ok()?))
+    }
+
+    fn write(&self, seq: u64) {
+        if let Err(error) = std::fs::write(&self.path, seq.to_be_bytes()) {
+            tracing::warn!(%error, path = %self.path.display(), "cannot update the durability watermark");
+        }
+    }
+}
+
+fn last_seq(receipts: &sled::Tree) -> Result<u64, StoreError> {
+    Ok(receipts
+        .last()?
+        .and_then(|(key, _)| <[u8; 8]>::try_from(&*key).ok())
+        .map_or(0, u64::from_be_bytes))
+}
+
 /// Groups the flushes of concurrent writers: each waiter takes a ticket after its write, and one
 /// flush that starts after a ticket was taken makes that ticket's write durable.
 #[derive(Debug)]
@@ -652,16 +734,23 @@ impl GroupCommit {
         Ok(())
     }
 
-    async fn run(this: Arc<GroupCommit>, db: sled::Db) {
+    async fn run(this: Arc<GroupCommit>, db: sled::Db, receipts: sled::Tree, watermark: Watermark) {
+        let mut written_watermark = watermark.read().unwrap_or(0);
         loop {
             this.wake.notified().await;
             let target = this.requested.load(Ordering::SeqCst);
             if target <= *this.completed.borrow() {
                 continue;
             }
+            // Taken before the flush starts, so the flush covers the receipt it names.
+            let high = last_seq(&receipts).unwrap_or(0);
             let db = db.clone();
             match tokio::task::spawn_blocking(move || db.flush()).await {
                 Ok(Ok(_)) => {
+                    if high > written_watermark {
+                        watermark.write(high);
+                        written_watermark = high;
+                    }
                     this.completed.send_replace(target);
                 }
                 Ok(Err(error)) => {

@@ -73,6 +73,8 @@ pub struct HubOptions {
     pub max_outbox_messages: u64,
     pub prefetch: u16,
     pub delivery_limit: u32,
+    pub retry_backoff_base_ms: u64,
+    /// `127.0.0.1:0` picks a free port; a process keeps a fixed one across restarts.
     pub grpc_listen: String,
 }
 
@@ -85,6 +87,7 @@ impl HubOptions {
             max_outbox_messages: 10_000,
             prefetch: 16,
             delivery_limit: 5,
+            retry_backoff_base_ms: 20,
             grpc_listen: "127.0.0.1:0".into(),
         }
     }
@@ -142,6 +145,8 @@ max_outbox_messages = {max_outbox_messages}
 prefetch = {prefetch}
 delivery_limit = {delivery_limit}
 shutdown_grace_ms = 3000
+retry_backoff_base_ms = {retry_backoff_base_ms}
+retry_backoff_max_ms = 500
 "#,
             grpc_listen = options.grpc_listen,
             data_dir = self.dir.path().join("data").display(),
@@ -151,6 +156,7 @@ shutdown_grace_ms = 3000
             max_outbox_messages = options.max_outbox_messages,
             prefetch = options.prefetch,
             delivery_limit = options.delivery_limit,
+            retry_backoff_base_ms = options.retry_backoff_base_ms,
         );
         std::fs::write(&self.config_path, config).expect("write config");
     }
@@ -257,11 +263,17 @@ pub struct HubProcess {
 }
 
 impl HubProcess {
-    /// Starts the binary on `files` with a free loopback port and waits until it serves.
+    /// Starts the binary on `files` and waits until it serves. With `grpc_listen` on port 0 it
+    /// takes a free loopback port.
     pub async fn start(files: &HubFiles, options: &HubOptions) -> HubProcess {
-        let port = free_port();
+        let grpc_listen = if options.grpc_listen.ends_with(":0") {
+            format!("127.0.0.1:{}", free_port())
+        } else {
+            options.grpc_listen.clone()
+        };
+        let port = grpc_listen.rsplit(':').next().expect("a port").to_owned();
         let options = HubOptions {
-            grpc_listen: format!("127.0.0.1:{port}"),
+            grpc_listen,
             ..options.clone()
         };
         files.write_config(&options);
@@ -296,6 +308,26 @@ impl HubProcess {
     /// SIGKILL: no chance to flush or close anything.
     pub async fn kill(mut self) {
         self.child.kill().await.expect("kill the hub");
+    }
+
+    /// The process's peak resident memory (VmHWM), in bytes.
+    pub fn peak_rss_bytes(&self) -> u64 {
+        let pid = self.child.id().expect("running");
+        let status =
+            std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|value| {
+                value
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .expect("VmHWM in /proc status")
+            * 1024
     }
 }
 
@@ -418,4 +450,36 @@ pub fn receipt_kinds(trace: &wire::TrackResponse, agency: &str) -> Vec<wire::Rec
 
 pub fn data_dir_exists(path: &Path) -> bool {
     path.join("db").exists() || path.join("conf").exists()
+}
+
+/// Runs `rabbitmqctl` with arguments, failing the test if it fails.
+pub fn rabbitmqctl(args: &[&str]) {
+    let status = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run rabbitmqctl");
+    assert!(status.success(), "rabbitmqctl {args:?} failed");
+}
+
+/// Messages in one of a test hub's RabbitMQ queues.
+pub async fn amqp_queue_depth(queue: &str) -> u32 {
+    let connection =
+        lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+            .await
+            .expect("connect to RabbitMQ");
+    let channel = connection.create_channel().await.expect("channel");
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("the queue exists");
+    let _ = connection.close(200, "done".into()).await;
+    declared.message_count()
 }

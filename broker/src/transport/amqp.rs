@@ -241,6 +241,7 @@ impl Subscription for AmqpSubscription {
             Some(Ok(delivery)) => Ok(Inbound {
                 payload: delivery.data,
                 redelivered: delivery.redelivered,
+                delivery_count: delivery_count(&delivery.properties),
                 acker: AmqpAcker(delivery.acker),
             }),
             Some(Err(error)) => Err(TransportError::Unavailable(error.to_string())),
@@ -290,6 +291,24 @@ impl Acknowledge for AmqpAcker {
                 .await,
         )
     }
+}
+
+/// The `x-delivery-count` header quorum queues put on redelivered messages (absent the first time).
+fn delivery_count(properties: &BasicProperties) -> u32 {
+    let Some(headers) = properties.headers() else {
+        return 0;
+    };
+    let count = match headers.inner().get("x-delivery-count") {
+        Some(AMQPValue::LongLongInt(n)) => *n,
+        Some(AMQPValue::LongInt(n)) => i64::from(*n),
+        Some(AMQPValue::LongUInt(n)) => i64::from(*n),
+        Some(AMQPValue::ShortInt(n)) => i64::from(*n),
+        Some(AMQPValue::ShortUInt(n)) => i64::from(*n),
+        Some(AMQPValue::ShortShortInt(n)) => i64::from(*n),
+        Some(AMQPValue::ShortShortUInt(n)) => i64::from(*n),
+        _ => 0,
+    };
+    u32::try_from(count).unwrap_or(0)
 }
 
 fn settled(result: lapin::Result<bool>) -> Result<(), TransportError> {

@@ -206,10 +206,11 @@ impl Subscription for EmbeddedSubscription {
             tokio::pin!(arrivals);
             arrivals.as_mut().enable();
             if let Some((key, value)) = self.take_first_free()? {
-                let (redelivered, _, payload) = decode_value(&value)?;
+                let (redelivered, delivery_count, payload) = decode_value(&value)?;
                 return Ok(Inbound {
                     payload: payload.to_vec(),
                     redelivered,
+                    delivery_count,
                     acker: EmbeddedAcker {
                         queue: self.queue.clone(),
                         key,

@@ -31,6 +31,9 @@ pub struct Inbound<A> {
     pub payload: Vec<u8>,
     /// The transport delivered this message before without it being acknowledged.
     pub redelivered: bool,
+    /// How many times the message was returned to the queue before (requeued or left
+    /// unsettled): 0 on its first delivery. Compared with the delivery limit.
+    pub delivery_count: u32,
     pub acker: A,
 }
 
