@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: run run-amqp test bench fmt lint rabbitmq clean-test-queues
+.PHONY: run run-amqp test chaos bench fmt lint rabbitmq clean-test-queues
 
 ## Starts a hub on the embedded transport (no RabbitMQ needed), gRPC on 127.0.0.1:50051.
 run:
@@ -12,9 +12,16 @@ run:
 run-amqp: rabbitmq
 	$(CARGO) run --bin lienthong -- serve --config config/lienthong-amqp.toml
 
-## The whole suite: unit, conformance, end-to-end and process tests, against a real RabbitMQ.
+## The whole suite against a real RabbitMQ: unit, conformance, end-to-end and process tests,
+## then the chaos suite (short scale) alone, because some of its scenarios restart RabbitMQ.
 test: rabbitmq
-	$(CARGO) test --workspace --all-targets
+	$(CARGO) test --workspace --all-targets -- --skip faults::
+	$(CARGO) test --workspace --test chaos -- --test-threads=1
+
+## The chaos suite at full scale (100,000-document backlog), release build, one line per scenario.
+chaos: rabbitmq
+	LIENTHONG_CHAOS_SCALE=full $(CARGO) test --release --workspace --test chaos -- --test-threads=1 --nocapture 2>&1 \
+		| grep -E '^(scenario|test |test result)'
 
 ## Benchmarks (release build).
 bench: rabbitmq

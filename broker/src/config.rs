@@ -76,6 +76,10 @@ pub struct DeliveryConfig {
     /// Returns (rejections, failed deliveries) of one message before it goes to the dead letters:
     /// a message is delivered at most `delivery_limit + 1` times.
     pub delivery_limit: u32,
+    /// Returns of one message, for any reason, before the queue itself dead-letters it. A
+    /// backstop above `delivery_limit`: RabbitMQ counts a message left unacknowledged by a
+    /// closed stream as a return, and such returns are not the recipient's refusals.
+    pub queue_delivery_limit: u32,
     /// How long a graceful shutdown waits for work in progress.
     pub shutdown_grace: Duration,
     /// The wait before a rejected message returns to its queue, doubled with each return…
@@ -209,6 +213,7 @@ impl Default for LimitsToml {
 struct DeliveryToml {
     prefetch: u16,
     delivery_limit: u32,
+    queue_delivery_limit: u32,
     shutdown_grace_ms: u64,
     retry_backoff_base_ms: u64,
     retry_backoff_max_ms: u64,
@@ -219,6 +224,7 @@ impl Default for DeliveryToml {
         DeliveryToml {
             prefetch: 64,
             delivery_limit: 10,
+            queue_delivery_limit: 1000,
             shutdown_grace_ms: 10_000,
             retry_backoff_base_ms: 1_000,
             retry_backoff_max_ms: 60_000,
@@ -269,6 +275,7 @@ impl Config {
                 DeliveryToml {
                     prefetch,
                     delivery_limit,
+                    queue_delivery_limit,
                     shutdown_grace_ms,
                     retry_backoff_base_ms,
                     retry_backoff_max_ms,
@@ -315,6 +322,11 @@ impl Config {
         if delivery_limit == 0 {
             return Err("[delivery] delivery_limit: must be greater than 0".into());
         }
+        if queue_delivery_limit <= delivery_limit {
+            return Err(format!(
+                "[delivery] queue_delivery_limit: {queue_delivery_limit} must be greater than delivery_limit ({delivery_limit})"
+            ));
+        }
         Ok(Config {
             hub_code,
             grpc_listen,
@@ -330,6 +342,7 @@ impl Config {
             delivery: DeliveryConfig {
                 prefetch,
                 delivery_limit,
+                queue_delivery_limit,
                 shutdown_grace: Duration::from_millis(shutdown_grace_ms),
                 retry_backoff_base: Duration::from_millis(retry_backoff_base_ms),
                 retry_backoff_max: Duration::from_millis(retry_backoff_max_ms),

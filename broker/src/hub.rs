@@ -54,8 +54,6 @@ struct HubInner<T: Transport> {
 struct PendingAck<A> {
     stream_id: u64,
     message: MessageRef,
-    /// Returns of the message before this delivery (see `Inbound::delivery_count`).
-    delivery_count: u32,
     acker: A,
 }
 
@@ -315,7 +313,6 @@ impl<T: Transport> Hub<T> {
             PendingAck {
                 stream_id,
                 message: message_ref,
-                delivery_count: inbound.delivery_count,
                 acker: inbound.acker,
             },
         );
@@ -364,11 +361,10 @@ impl<T: Transport> Hub<T> {
             return Ok(());
         }
         let delivery = &self.inner.config.delivery;
-        if pending.delivery_count >= delivery.delivery_limit {
+        let rejections = store.count_rejection(&pending.message)?;
+        if rejections > delivery.delivery_limit {
             let reason = format!(
-                "rejected on delivery {} of at most {} (delivery_limit {}): {reason}",
-                pending.delivery_count + 1,
-                delivery.delivery_limit + 1,
+                "rejected {rejections} times, more than delivery_limit {}: {reason}",
                 delivery.delivery_limit
             );
             store.mark_dead_lettered(&pending.message, &reason, now_unix_ms())?;
@@ -381,10 +377,10 @@ impl<T: Transport> Hub<T> {
         }
         store.mark_rejected(&pending.message, reason, now_unix_ms())?;
         store.durable().await?;
-        // The message goes back to the queue after a backoff that doubles with each return; it
+        // The message goes back to the queue after a backoff that doubles with each rejection; it
         // holds one prefetch slot of this stream meanwhile, so other agencies are not delayed.
         let backoff = retry_backoff(
-            pending.delivery_count,
+            rejections - 1,
             delivery.retry_backoff_base,
             delivery.retry_backoff_max,
         );

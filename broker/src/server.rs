@@ -39,8 +39,12 @@ pub async fn run(
     );
     match &config.transport {
         TransportConfig::Embedded { .. } => {
-            let transport =
-                EmbeddedTransport::open(&store, &names, &agencies, config.delivery.delivery_limit)?;
+            let transport = EmbeddedTransport::open(
+                &store,
+                &names,
+                &agencies,
+                config.delivery.queue_delivery_limit,
+            )?;
             serve(
                 config, store, transport, directory, listener, shutdown, stop,
             )
@@ -51,7 +55,7 @@ pub async fn run(
                 url: url.clone(),
                 names,
                 agencies,
-                delivery_limit: config.delivery.delivery_limit,
+                delivery_limit: config.delivery.queue_delivery_limit,
             };
             let transport = AmqpTransport::start(settings, stop.child_token());
             serve(

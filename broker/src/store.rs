@@ -10,7 +10,8 @@
 //! - `outbox_refs`: document id → number of outbox entries still needing the body (u32 BE);
 //! - `outbox`: `[255 - urgency][seq BE]` → `OutboxEntry`, so a scan yields most urgent, then oldest;
 //! - `receipts`: seq BE → `Receipt`; `receipts_by_document`: `id 0x00 seq BE` → ();
-//! - `delivered`, `settled`: `message id 0x00 recipient` → () for deliveries shown and acknowledged.
+//! - `delivered`, `settled`: `message id 0x00 recipient` → () for deliveries shown and acknowledged;
+//! - `rejections`: `message id 0x00 recipient` → rejections so far (u32 BE).
 
 use crate::agency::AgencyCode;
 use crate::document::Document;
@@ -100,6 +101,7 @@ struct StoreInner {
     receipts_by_document: sled::Tree,
     delivered: sled::Tree,
     settled: sled::Tree,
+    rejections: sled::Tree,
     outbox_len: AtomicU64,
     group_commit: Arc<GroupCommit>,
     flusher: tokio::task::AbortHandle,
@@ -156,6 +158,7 @@ impl Store {
                 receipts_by_document: tree("receipts_by_document")?,
                 delivered: tree("delivered")?,
                 settled: tree("settled")?,
+                rejections: tree("rejections")?,
                 outbox,
                 outbox_len,
                 group_commit,
@@ -483,6 +486,22 @@ impl Store {
             )?;
         }
         Ok(())
+    }
+
+    /// Counts one more rejection of a message by its recipient; returns the count so far.
+    pub fn count_rejection(&self, message: &MessageRef) -> Result<u32, StoreError> {
+        let updated = self.inner.rejections.update_and_fetch(
+            pair_key(&message.message_id, message.recipient.as_str()),
+            |old| {
+                let count = old
+                    .and_then(|v| <[u8; 4]>::try_from(v).ok())
+                    .map_or(0, u32::from_be_bytes);
+                Some(count.saturating_add(1).to_be_bytes().to_vec())
+            },
+        )?;
+        Ok(updated
+            .and_then(|v| <[u8; 4]>::try_from(&*v).ok())
+            .map_or(1, u32::from_be_bytes))
     }
 
     /// Records that the recipient rejected a delivery, with its reason.

@@ -144,6 +144,7 @@ max_outbox_messages = {max_outbox_messages}
 [delivery]
 prefetch = {prefetch}
 delivery_limit = {delivery_limit}
+queue_delivery_limit = 1000
 shutdown_grace_ms = 3000
 retry_backoff_base_ms = {retry_backoff_base_ms}
 retry_backoff_max_ms = 500
@@ -280,7 +281,10 @@ impl HubProcess {
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lienthong"))
             .args(["serve", "--config"])
             .arg(&files.config_path)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("LIENTHONG_TEST_HUB_LOG").unwrap_or_else(|_| "error".into()),
+            )
             .kill_on_drop(true)
             .spawn()
             .expect("start the lienthong binary");

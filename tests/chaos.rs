@@ -1,0 +1,584 @@
+//! The chaos suite: real `lienthong` processes and the real RabbitMQ driven through faults while
+//! documents flow, then counted. Each scenario prints one line:
+//!
+//! `scenario NAME: sent N, accepted N, delivered N, lost 0, duplicates-after-ack 0, dead-lettered N`
+//!
+//! and fails unless nothing accepted was lost and nothing acknowledged was shown again.
+//!
+//! Some scenarios stop RabbitMQ itself, so this suite must not run beside other tests: `make test`
+//! runs it in a second pass with one test thread (`--skip faults::` in the first pass), and
+//! `make chaos` runs it at full scale (`LIENTHONG_CHAOS_SCALE=full`: 100,000-document backlog).
+
+mod support;
+
+mod faults {
+    use super::support::*;
+    use lienthong::client::{ExchangeClient, connect};
+    use lienthong_proto::v1 as wire;
+    use std::collections::HashSet;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex, MutexGuard};
+    use std::time::Duration;
+    use tokio::task::JoinSet;
+    use tonic::Code;
+
+    /// How big the load of each scenario is.
+    #[derive(Debug, Clone, Copy)]
+    struct Scale {
+        documents: usize,
+        backlog: usize,
+        senders: usize,
+        kills: usize,
+    }
+
+    fn scale() -> Scale {
+        match std::env::var("LIENTHONG_CHAOS_SCALE").as_deref() {
+            Ok("full") => Scale {
+                documents: 5_000,
+                backlog: 100_000,
+                senders: 32,
+                kills: 5,
+            },
+            _ => Scale {
+                documents: 300,
+                backlog: 2_000,
+                senders: 8,
+                kills: 3,
+            },
+        }
+    }
+
+    /// What the clients saw.
+    #[derive(Debug, Default)]
+    struct Tally {
+        sent: usize,
+        accepted: HashSet<String>,
+        delivered: HashSet<String>,
+        acknowledged: HashSet<String>,
+        duplicates_after_ack: usize,
+        redelivered_flags: usize,
+        rejections: std::collections::HashMap<String, u32>,
+    }
+
+    #[derive(Debug, Clone, Default)]
+    struct Shared {
+        tally: Arc<Mutex<Tally>>,
+        senders_done: Arc<AtomicBool>,
+    }
+
+    impl Shared {
+        fn tally(&self) -> MutexGuard<'_, Tally> {
+            self.tally.lock().expect("tally lock")
+        }
+
+        /// Sending is over, every accepted document reached the recipient, and each poison
+        /// document was refused often enough to be dead-lettered.
+        ///
+        /// "Reached" rather than "acknowledged": when the hub dies after recording an ack but
+        /// before answering it, the client sees the ack fail while the hub rightly never shows
+        /// the document again. `report` asks the hub about every document not acked by the client.
+        fn all_received(&self, behaviour: &RecipientBehaviour) -> bool {
+            if !self.senders_done.load(Ordering::SeqCst) {
+                return false;
+            }
+            let tally = self.tally();
+            let poison_done = behaviour.poison.iter().all(|id| {
+                tally.rejections.get(id).copied().unwrap_or(0) > behaviour.delivery_limit
+            });
+            poison_done && tally.accepted.iter().all(|id| tally.delivered.contains(id))
+        }
+    }
+
+    /// How the recipient behaves.
+    #[derive(Debug, Clone, Default)]
+    struct RecipientBehaviour {
+        /// Reject these documents every time.
+        poison: HashSet<String>,
+        /// Drop the stream without acknowledging every this many deliveries.
+        drop_stream_every: Option<usize>,
+        /// The hub's `delivery_limit`: rejections before a poison document is dead-lettered.
+        delivery_limit: u32,
+    }
+
+    fn documents(count: usize, scenario: &str) -> Vec<wire::Document> {
+        (0..count)
+            .map(|n| {
+                let mut doc = document(COMMUNE, &[DISTRICT], &format!("{scenario} {n}"));
+                doc.document_id = format!("{COMMUNE},2026/11/27,{n}/{scenario}");
+                doc.priority = (n % 5) as u32;
+                doc
+            })
+            .collect()
+    }
+
+    async fn connect_retrying(endpoint: &str, agency: &str) -> ExchangeClient {
+        loop {
+            if let Ok(client) = connect(endpoint, agency).await {
+                return client;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends every document from `senders` concurrent clients, retrying each (same id, so the
+    /// retry is idempotent) until the hub accepts it.
+    async fn send_all(endpoint: String, docs: Vec<wire::Document>, senders: usize, shared: Shared) {
+        shared.tally().sent += docs.len();
+        let mut tasks = JoinSet::new();
+        let per_sender = docs.len().div_ceil(senders.max(1)).max(1);
+        for chunk in docs.chunks(per_sender) {
+            let chunk = chunk.to_vec();
+            let endpoint = endpoint.clone();
+            let shared = shared.clone();
+            tasks.spawn(async move {
+                let mut client = connect_retrying(&endpoint, COMMUNE).await;
+                for doc in chunk {
+                    loop {
+                        match client
+                            .send(wire::SendRequest {
+                                document: Some(doc.clone()),
+                            })
+                            .await
+                        {
+                            Ok(_) => {
+                                shared.tally().accepted.insert(doc.document_id.clone());
+                                break;
+                            }
+                            Err(status) => {
+                                assert!(
+                                    matches!(
+                                        status.code(),
+                                        Code::Unavailable
+                                            | Code::Unknown
+                                            | Code::Cancelled
+                                            | Code::Internal
+                                    ),
+                                    "unexpected refusal of {}: {status:?}",
+                                    doc.document_id
+                                );
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        while let Some(result) = tasks.join_next().await {
+            result.expect("sender task");
+        }
+        shared.senders_done.store(true, Ordering::SeqCst);
+    }
+
+    /// Receives as the district until every accepted document (but the poison) is acknowledged,
+    /// then listens a little longer for anything shown again.
+    async fn receive_all(
+        endpoint: String,
+        behaviour: RecipientBehaviour,
+        shared: Shared,
+        deadline: Duration,
+    ) {
+        let start = tokio::time::Instant::now();
+        let mut finished_at: Option<tokio::time::Instant> = None;
+        let mut acks = JoinSet::new();
+        let mut deliveries = 0usize;
+        'connection: loop {
+            let mut client = connect_retrying(&endpoint, DISTRICT).await;
+            let Ok(response) = client.receive(wire::ReceiveRequest {}).await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let mut stream = response.into_inner();
+            loop {
+                if finished_at.is_none() && shared.all_received(&behaviour) {
+                    finished_at = Some(tokio::time::Instant::now());
+                }
+                if finished_at.is_some_and(|at| at.elapsed() > Duration::from_secs(1)) {
+                    break 'connection;
+                }
+                let tally = shared.tally();
+                assert!(
+                    start.elapsed() < deadline,
+                    "not done after {deadline:?}: sent {}, accepted {}, acknowledged {}",
+                    tally.sent,
+                    tally.accepted.len(),
+                    tally.acknowledged.len()
+                );
+                drop(tally);
+                let delivery = match tokio::time::timeout(
+                    Duration::from_millis(300),
+                    stream.message(),
+                )
+                .await
+                {
+                    Err(_) => continue,
+                    Ok(Ok(Some(delivery))) => delivery,
+                    Ok(Ok(None) | Err(_)) => continue 'connection,
+                };
+                let Some(wire::delivery::Payload::Document(doc)) = &delivery.payload else {
+                    panic!("only documents are sent in the chaos suite: {delivery:?}");
+                };
+                let id = doc.document_id.clone();
+                {
+                    let mut tally = shared.tally();
+                    if tally.acknowledged.contains(&id) {
+                        tally.duplicates_after_ack += 1;
+                    }
+                    tally.delivered.insert(id.clone());
+                    tally.redelivered_flags += usize::from(delivery.redelivered);
+                }
+                deliveries += 1;
+                if behaviour
+                    .drop_stream_every
+                    .is_some_and(|every| deliveries % every == 0)
+                {
+                    continue 'connection;
+                }
+                let reject = behaviour.poison.contains(&id);
+                let mut acker = client.clone();
+                let shared = shared.clone();
+                acks.spawn(async move {
+                    let acked = acker
+                        .ack(wire::AckRequest {
+                            ack_token: delivery.ack_token,
+                            reject,
+                            reason: if reject {
+                                "unreadable attachment".into()
+                            } else {
+                                String::new()
+                            },
+                        })
+                        .await;
+                    if acked.is_ok() {
+                        let mut tally = shared.tally();
+                        if reject {
+                            *tally.rejections.entry(id).or_default() += 1;
+                        } else {
+                            tally.acknowledged.insert(id);
+                        }
+                    }
+                });
+                while acks.len() > 64 {
+                    acks.join_next().await;
+                }
+            }
+        }
+        while acks.join_next().await.is_some() {}
+    }
+
+    /// Counts, prints the scenario's line, and checks it.
+    async fn report(
+        name: &str,
+        endpoint: &str,
+        prefix: &str,
+        shared: &Shared,
+        expect_dead_lettered: usize,
+    ) -> String {
+        let names = lienthong::transport::TopologyNames::new(prefix);
+        if expect_dead_lettered > 0 {
+            eventually(
+                "the dead letters arrive",
+                Duration::from_secs(20),
+                || async {
+                    amqp_queue_depth(&names.dead_letter_queue()).await as usize
+                        >= expect_dead_lettered
+                },
+            )
+            .await;
+        }
+        let dead_lettered = amqp_queue_depth(&names.dead_letter_queue()).await as usize;
+        let mut commune = connect_retrying(endpoint, COMMUNE).await;
+        let tally = shared.tally();
+        // Lost: accepted, never shown to the recipient, and not dead-lettered. A document shown
+        // but not acked from the client's side must be acknowledged (or dead-lettered) at the hub.
+        let mut lost = 0;
+        for id in tally.accepted.difference(&tally.acknowledged) {
+            let trace = commune
+                .track(wire::TrackRequest {
+                    document_id: id.clone(),
+                })
+                .await
+                .expect("track an accepted document")
+                .into_inner();
+            let state = trace.recipients[0].state();
+            let settled = matches!(
+                state,
+                wire::DeliveryState::Acknowledged | wire::DeliveryState::DeadLettered
+            );
+            if !tally.delivered.contains(id) || !settled {
+                lost += 1;
+            }
+        }
+        let line = format!(
+            "scenario {name}: sent {}, accepted {}, delivered {}, lost {lost}, duplicates-after-ack {}, dead-lettered {dead_lettered}",
+            tally.sent,
+            tally.accepted.len(),
+            tally.delivered.len(),
+            tally.duplicates_after_ack
+        );
+        println!("{line}");
+        assert_eq!(tally.accepted.len(), tally.sent, "{line}");
+        assert_eq!(lost, 0, "{line}");
+        assert_eq!(tally.duplicates_after_ack, 0, "{line}");
+        assert_eq!(dead_lettered, expect_dead_lettered, "{line}");
+        line
+    }
+
+    const CHAOS_DELIVERY_LIMIT: u32 = 3;
+
+    /// A hub process on RabbitMQ with a fixed port, so that clients find it after restarts.
+    fn chaos_options() -> HubOptions {
+        HubOptions {
+            grpc_listen: format!("127.0.0.1:{}", free_port()),
+            prefetch: 64,
+            delivery_limit: CHAOS_DELIVERY_LIMIT,
+            max_outbox_messages: 1_000_000,
+            ..HubOptions::new(TransportKind::Amqp)
+        }
+    }
+
+    fn endpoint_of(options: &HubOptions) -> String {
+        format!("http://{}", options.grpc_listen)
+    }
+
+    #[tokio::test]
+    async fn hub_killed_repeatedly_mid_load() {
+        let scale = scale();
+        let options = chaos_options();
+        let files = HubFiles::create("chaos_kill", &options);
+        let endpoint = endpoint_of(&options);
+        let mut hub = HubProcess::start(&files, &options).await;
+        let shared = Shared::default();
+        let sending = tokio::spawn(send_all(
+            endpoint.clone(),
+            documents(scale.documents, "kill"),
+            scale.senders,
+            shared.clone(),
+        ));
+        let receiving = tokio::spawn(receive_all(
+            endpoint.clone(),
+            RecipientBehaviour::default(),
+            shared.clone(),
+            Duration::from_secs(300),
+        ));
+        for _ in 0..scale.kills {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            hub.kill().await;
+            hub = HubProcess::start(&files, &options).await;
+        }
+        sending.await.expect("senders");
+        receiving.await.expect("receiver");
+        report("hub-sigkill", &endpoint, &files.prefix, &shared, 0).await;
+        hub.kill().await;
+        files.delete_topology().await;
+    }
+
+    #[tokio::test]
+    async fn rabbitmq_stopped_and_started_mid_load() {
+        let scale = scale();
+        let options = chaos_options();
+        let files = HubFiles::create("chaos_rabbit", &options);
+        let endpoint = endpoint_of(&options);
+        let hub = HubProcess::start(&files, &options).await;
+        let shared = Shared::default();
+        let sending = tokio::spawn(send_all(
+            endpoint.clone(),
+            documents(scale.documents, "rabbit"),
+            scale.senders,
+            shared.clone(),
+        ));
+        let receiving = tokio::spawn(receive_all(
+            endpoint.clone(),
+            RecipientBehaviour::default(),
+            shared.clone(),
+            Duration::from_secs(300),
+        ));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        rabbitmqctl(&["stop_app"]);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        rabbitmqctl(&["start_app"]);
+        rabbitmqctl(&["await_startup"]);
+        sending.await.expect("senders");
+        receiving.await.expect("receiver");
+        report("rabbitmq-restart", &endpoint, &files.prefix, &shared, 0).await;
+        hub.kill().await;
+        files.delete_topology().await;
+    }
+
+    #[tokio::test]
+    async fn recipient_streams_killed_mid_batch() {
+        let scale = scale();
+        let options = chaos_options();
+        let files = HubFiles::create("chaos_streams", &options);
+        let endpoint = endpoint_of(&options);
+        let hub = HubProcess::start(&files, &options).await;
+        let shared = Shared::default();
+        let behaviour = RecipientBehaviour {
+            drop_stream_every: Some(7),
+            ..RecipientBehaviour::default()
+        };
+        let sending = tokio::spawn(send_all(
+            endpoint.clone(),
+            documents(scale.documents, "streams"),
+            scale.senders,
+            shared.clone(),
+        ));
+        let receiving = tokio::spawn(receive_all(
+            endpoint.clone(),
+            behaviour,
+            shared.clone(),
+            Duration::from_secs(300),
+        ));
+        sending.await.expect("senders");
+        receiving.await.expect("receiver");
+        report("streams-killed", &endpoint, &files.prefix, &shared, 0).await;
+        assert!(
+            shared.tally().redelivered_flags > 0,
+            "documents left unacknowledged come back flagged"
+        );
+        hub.kill().await;
+        files.delete_topology().await;
+    }
+
+    #[tokio::test]
+    async fn recipient_offline_during_a_backlog() {
+        let scale = scale();
+        let options = chaos_options();
+        let files = HubFiles::create("chaos_backlog", &options);
+        let endpoint = endpoint_of(&options);
+        let hub = HubProcess::start(&files, &options).await;
+        let shared = Shared::default();
+        send_all(
+            endpoint.clone(),
+            documents(scale.backlog, "backlog"),
+            scale.senders,
+            shared.clone(),
+        )
+        .await;
+        let names = lienthong::transport::TopologyNames::new(&files.prefix);
+        let district_queue = names.agency_queue(&DISTRICT.parse().expect("code"));
+        eventually(
+            "the backlog is in the recipient's queue",
+            Duration::from_secs(600),
+            || async { amqp_queue_depth(&district_queue).await as usize == scale.backlog },
+        )
+        .await;
+        let rss_with_backlog = hub.peak_rss_bytes();
+        receive_all(
+            endpoint.clone(),
+            RecipientBehaviour::default(),
+            shared.clone(),
+            Duration::from_secs(1200),
+        )
+        .await;
+        let line = report("recipient-offline", &endpoint, &files.prefix, &shared, 0).await;
+        println!(
+            "scenario recipient-offline: backlog {}, hub peak rss {} MiB while the backlog waited, {} MiB after draining",
+            scale.backlog,
+            rss_with_backlog / (1024 * 1024),
+            hub.peak_rss_bytes() / (1024 * 1024)
+        );
+        assert!(
+            line.contains(&format!("delivered {}", scale.backlog)),
+            "{line}"
+        );
+        hub.kill().await;
+        files.delete_topology().await;
+    }
+
+    #[tokio::test]
+    async fn a_poison_document_is_dead_lettered_and_the_rest_flow() {
+        let scale = scale();
+        let options = chaos_options();
+        let files = HubFiles::create("chaos_poison", &options);
+        let endpoint = endpoint_of(&options);
+        let hub = HubProcess::start(&files, &options).await;
+        let shared = Shared::default();
+        let docs = documents(scale.documents, "poison");
+        let behaviour = RecipientBehaviour {
+            poison: HashSet::from([docs[scale.documents / 2].document_id.clone()]),
+            delivery_limit: CHAOS_DELIVERY_LIMIT,
+            ..RecipientBehaviour::default()
+        };
+        let sending = tokio::spawn(send_all(
+            endpoint.clone(),
+            docs,
+            scale.senders,
+            shared.clone(),
+        ));
+        let receiving = tokio::spawn(receive_all(
+            endpoint.clone(),
+            behaviour,
+            shared.clone(),
+            Duration::from_secs(300),
+        ));
+        sending.await.expect("senders");
+        receiving.await.expect("receiver");
+        report("poison-document", &endpoint, &files.prefix, &shared, 1).await;
+        hub.kill().await;
+        files.delete_topology().await;
+    }
+
+    /// An open `Receive` stream survives a RabbitMQ restart without the client reconnecting:
+    /// tokens from before answer FAILED_PRECONDITION and their documents come again.
+    #[tokio::test]
+    async fn streams_resume_after_a_rabbitmq_restart() {
+        let hub = TestHub::start("resume", HubOptions::new(TransportKind::Amqp)).await;
+        let mut commune = hub.client(COMMUNE).await;
+        let mut district = hub.client(DISTRICT).await;
+        let mut stream = open_stream(&mut district).await;
+        let before = send(
+            &mut commune,
+            document(COMMUNE, &[DISTRICT], "before the restart"),
+        )
+        .await;
+        let first = next_delivery(&mut stream).await;
+        assert_eq!(delivered_document(&first).document_id, before);
+
+        rabbitmqctl(&["stop_app"]);
+        let during = send(
+            &mut commune,
+            document(COMMUNE, &[DISTRICT], "while RabbitMQ is down"),
+        )
+        .await;
+        rabbitmqctl(&["start_app"]);
+        rabbitmqctl(&["await_startup"]);
+
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            let delivery = tokio::time::timeout(Duration::from_secs(30), stream.message())
+                .await
+                .expect("deliveries resume within 30 s")
+                .expect("the same stream stays healthy")
+                .expect("the same stream stays open");
+            let id = delivered_document(&delivery).document_id.clone();
+            if id == before {
+                assert!(
+                    delivery.redelivered,
+                    "the unacknowledged document comes again, flagged"
+                );
+            }
+            ack(&mut district, &delivery).await;
+            seen.push(id);
+        }
+        seen.sort();
+        let mut expected = vec![before.clone(), during];
+        expected.sort();
+        assert_eq!(seen, expected);
+
+        let stale = district
+            .ack(wire::AckRequest {
+                ack_token: first.ack_token,
+                reject: false,
+                reason: String::new(),
+            })
+            .await
+            .expect_err("a token from before the restart");
+        assert_eq!(stale.code(), Code::FailedPrecondition);
+        assert!(
+            stale.message().contains("redelivered"),
+            "{}",
+            stale.message()
+        );
+        hub.finish().await;
+    }
+}
