@@ -20,8 +20,9 @@ test: rabbitmq
 
 ## The chaos suite at full scale (100,000-document backlog), release build, one line per scenario.
 chaos: rabbitmq
-	LIENTHONG_CHAOS_SCALE=full $(CARGO) test --release --workspace --test chaos -- --test-threads=1 --nocapture 2>&1 \
-		| grep -E '^(scenario|test |test result)'
+	@mkdir -p target
+	LIENTHONG_CHAOS_SCALE=full $(CARGO) test --release --workspace --test chaos -- --test-threads=1 --nocapture \
+		> target/chaos.log 2>&1; status=$$?; grep -E '^(scenario|test result|error)' target/chaos.log; exit $$status
 
 ## Benchmarks (release build).
 bench: rabbitmq

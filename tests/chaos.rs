@@ -229,7 +229,7 @@ mod faults {
                 deliveries += 1;
                 if behaviour
                     .drop_stream_every
-                    .is_some_and(|every| deliveries % every == 0)
+                    .is_some_and(|every| deliveries.is_multiple_of(every))
                 {
                     continue 'connection;
                 }
@@ -287,11 +287,18 @@ mod faults {
         }
         let dead_lettered = amqp_queue_depth(&names.dead_letter_queue()).await as usize;
         let mut commune = connect_retrying(endpoint, COMMUNE).await;
-        let tally = shared.tally();
+        let unacknowledged: Vec<String> = {
+            let tally = shared.tally();
+            tally
+                .accepted
+                .difference(&tally.acknowledged)
+                .cloned()
+                .collect()
+        };
         // Lost: accepted, never shown to the recipient, and not dead-lettered. A document shown
         // but not acked from the client's side must be acknowledged (or dead-lettered) at the hub.
         let mut lost = 0;
-        for id in tally.accepted.difference(&tally.acknowledged) {
+        for id in &unacknowledged {
             let trace = commune
                 .track(wire::TrackRequest {
                     document_id: id.clone(),
@@ -304,10 +311,11 @@ mod faults {
                 state,
                 wire::DeliveryState::Acknowledged | wire::DeliveryState::DeadLettered
             );
-            if !tally.delivered.contains(id) || !settled {
+            if !shared.tally().delivered.contains(id) || !settled {
                 lost += 1;
             }
         }
+        let tally = shared.tally();
         let line = format!(
             "scenario {name}: sent {}, accepted {}, delivered {}, lost {lost}, duplicates-after-ack {}, dead-lettered {dead_lettered}",
             tally.sent,

@@ -54,11 +54,14 @@ async fn send_receive_ack_track<K: Into<Kind>>(kind: K) {
     ] {
         let delivery = next_delivery(stream).await;
         assert!(!delivery.redelivered);
+        let received = delivered_document(&delivery);
         assert_eq!(
-            delivered_document(&delivery),
-            &sent,
+            without_trace(received),
+            sent,
             "the document arrives unchanged"
         );
+        assert_eq!(received.trace.len(), 1, "one hop: this hub");
+        assert_eq!(received.trace[0].hub, PROVINCE);
         ack(client, &delivery).await;
     }
 
@@ -278,7 +281,7 @@ async fn sending_is_idempotent_on_the_document_id<K: Into<Kind>>(kind: K) {
 
     let mut stream = open_stream(&mut district).await;
     let delivery = next_delivery(&mut stream).await;
-    assert_eq!(delivered_document(&delivery), &original);
+    assert_eq!(without_trace(delivered_document(&delivery)), original);
     ack(&mut district, &delivery).await;
     assert_no_delivery(&mut stream, QUIET).await;
     hub.finish().await;
@@ -710,6 +713,52 @@ async fn the_outbox_drains_most_urgent_first() {
     hub.finish().await;
 }
 
+async fn operators_see_health_readiness_and_metrics<K: Into<Kind>>(kind: K) {
+    let hub = TestHub::start("http", HubOptions::new(kind.into().0)).await;
+    let address = hub.options.http_listen.clone();
+    assert_eq!(
+        http_get(&address, "/healthz").await,
+        (200, "ok\n".to_owned())
+    );
+    eventually("the hub is ready", Duration::from_secs(10), || async {
+        http_get(&address, "/readyz").await.0 == 200
+    })
+    .await;
+    let (_, ready) = http_get(&address, "/readyz").await;
+    assert!(
+        ready.starts_with("ready\n") && ready.contains("warning: no authentication"),
+        "{ready}"
+    );
+
+    let mut commune = hub.client(COMMUNE).await;
+    let mut district = hub.client(DISTRICT).await;
+    let mut stream = open_stream(&mut district).await;
+    let mut express = document(COMMUNE, &[DISTRICT], "Hỏa tốc");
+    express.priority = 3;
+    send(&mut commune, express).await;
+    let delivery = next_delivery(&mut stream).await;
+    ack(&mut district, &delivery).await;
+
+    let (status, metrics) = http_get(&address, "/metrics").await;
+    assert_eq!(status, 200);
+    for expected in [
+        r#"lienthong_documents_total{event="accepted",urgency="3",level="district"} 1"#,
+        r#"lienthong_documents_total{event="delivered",urgency="3",level="district"} 1"#,
+        r#"lienthong_documents_total{event="acknowledged",urgency="3",level="district"} 1"#,
+        "lienthong_send_latency_seconds_count 1",
+        "lienthong_end_to_end_latency_seconds_count 1",
+        "lienthong_publish_confirm_latency_seconds_count 1",
+        "lienthong_outbox_depth 0",
+        "lienthong_transport_connected 1",
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "/metrics shows `{expected}`:\n{metrics}"
+        );
+    }
+    hub.finish().await;
+}
+
 /// Picks the transport of a scenario.
 struct Kind(TransportKind);
 
@@ -744,3 +793,4 @@ on_both_transports!(bad_input_is_refused_and_leaves_no_trace);
 on_both_transports!(access_rules_hold);
 on_both_transports!(a_document_rejected_past_the_delivery_limit_is_dead_lettered);
 on_both_transports!(a_stuck_recipient_does_not_delay_another);
+on_both_transports!(operators_see_health_readiness_and_metrics);

@@ -8,6 +8,7 @@ use crate::config::Config;
 use crate::directory::AgencyDirectory;
 use crate::document::{Document, DocumentLimits, check_document_id};
 use crate::error::HubError;
+use crate::metrics::{DocumentEvent, Metrics};
 use crate::receipt::{delivery_state, status_reports};
 use crate::status::{Reporter, StatusCode};
 use crate::store::{Acceptance, MessageRef, Store};
@@ -16,7 +17,7 @@ use lienthong_proto::v1 as wire;
 use prost::Message;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -46,6 +47,7 @@ struct HubInner<T: Transport> {
     transport: T,
     directory: AgencyDirectory,
     outbox_wakeup: Notify,
+    metrics: Metrics,
     pending_acks: Mutex<HashMap<String, PendingAck<AckerOf<T>>>>,
 }
 
@@ -54,6 +56,8 @@ struct HubInner<T: Transport> {
 struct PendingAck<A> {
     stream_id: u64,
     message: MessageRef,
+    /// The document's urgency, for metrics.
+    urgency: u8,
     acker: A,
 }
 
@@ -73,6 +77,7 @@ impl<T: Transport> Hub<T> {
                 transport,
                 directory,
                 outbox_wakeup: Notify::new(),
+                metrics: Metrics::new(),
                 pending_acks: Mutex::default(),
             }),
         }
@@ -90,6 +95,14 @@ impl<T: Transport> Hub<T> {
         &self.inner.config
     }
 
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub fn directory(&self) -> &AgencyDirectory {
+        &self.inner.directory
+    }
+
     /// Wakes the outbox publisher; it also polls on its own.
     pub(crate) fn outbox_wakeup(&self) -> &Notify {
         &self.inner.outbox_wakeup
@@ -101,6 +114,7 @@ impl<T: Transport> Hub<T> {
         caller: &AgencyCode,
         document: Option<wire::Document>,
     ) -> Result<SendOutcome, HubError> {
+        let started = Instant::now();
         let inner = &*self.inner;
         let document =
             document.ok_or_else(|| HubError::invalid("document", "a document is required"))?;
@@ -108,7 +122,7 @@ impl<T: Transport> Hub<T> {
             max_document_bytes: inner.config.limits.max_document_bytes,
             max_recipients: inner.config.limits.max_recipients,
         };
-        let document = Document::from_wire(document, limits, now_unix_ms())?;
+        let mut document = Document::from_wire(document, limits, now_unix_ms())?;
         if &document.from != caller {
             return Err(HubError::PermissionDenied(format!(
                 "document.from: agency {caller} may send only as itself, not as {}",
@@ -136,7 +150,13 @@ impl<T: Transport> Hub<T> {
             )));
         }
 
-        let receipts = match inner.store.accept_document(&document, now_unix_ms())? {
+        // The hop of this hub, like edXML's TraceHeader; not part of the content hash.
+        let now = now_unix_ms();
+        document.wire.trace.push(wire::TraceHop {
+            hub: inner.config.hub_code.to_string(),
+            at_unix_ms: now,
+        });
+        let receipts = match inner.store.accept_document(&document, now)? {
             Acceptance::Accepted(receipts) | Acceptance::AlreadyAccepted(receipts) => receipts,
             Acceptance::Conflict => {
                 return Err(HubError::AlreadyExists(format!(
@@ -147,6 +167,14 @@ impl<T: Transport> Hub<T> {
         };
         inner.store.durable().await?;
         inner.outbox_wakeup.notify_one();
+        for recipient in &document.to {
+            inner.metrics.document(
+                DocumentEvent::Accepted,
+                document.urgency.value(),
+                recipient.level(),
+            );
+        }
+        inner.metrics.observe_send(started.elapsed());
         tracing::debug!(document_id = %document.id, recipients = document.to.len(), "document accepted");
         Ok(SendOutcome {
             document_id: document.id,
@@ -286,13 +314,19 @@ impl<T: Transport> Hub<T> {
             let _ = inbound.acker.ack().await;
             return Ok(None);
         }
-        let (payload, document_id) = match message.payload {
+        let (payload, document_id, urgency) = match message.payload {
             Some(wire::queued_message::Payload::Document(document)) => {
                 let id = document.document_id.clone();
-                (wire::delivery::Payload::Document(document), Some(id))
+                let urgency = u8::try_from(document.priority).unwrap_or(u8::MAX);
+                self.observe_delivery(&document, urgency, caller);
+                (
+                    wire::delivery::Payload::Document(document),
+                    Some(id),
+                    urgency,
+                )
             }
             Some(wire::queued_message::Payload::Status(status)) => {
-                (wire::delivery::Payload::Status(status), None)
+                (wire::delivery::Payload::Status(status), None, 0)
             }
             None => {
                 tracing::error!(agency = %caller, "message without payload sent to the dead letters");
@@ -313,6 +347,7 @@ impl<T: Transport> Hub<T> {
             PendingAck {
                 stream_id,
                 message: message_ref,
+                urgency,
                 acker: inbound.acker,
             },
         );
@@ -351,7 +386,15 @@ impl<T: Transport> Hub<T> {
             }
         };
         let store = &self.inner.store;
+        let count = |event| {
+            if pending.message.document_id.is_some() {
+                self.inner
+                    .metrics
+                    .document(event, pending.urgency, caller.level());
+            }
+        };
         if !reject {
+            count(DocumentEvent::Acknowledged);
             store.mark_acknowledged(&pending.message, now_unix_ms())?;
             store.durable().await?;
             if let Err(error) = pending.acker.ack().await {
@@ -367,6 +410,7 @@ impl<T: Transport> Hub<T> {
                 "rejected {rejections} times, more than delivery_limit {}: {reason}",
                 delivery.delivery_limit
             );
+            count(DocumentEvent::DeadLettered);
             store.mark_dead_lettered(&pending.message, &reason, now_unix_ms())?;
             store.durable().await?;
             tracing::warn!(message_id = %pending.message.message_id, recipient = %caller, %reason, "dead-lettered");
@@ -375,6 +419,7 @@ impl<T: Transport> Hub<T> {
             }
             return Ok(());
         }
+        count(DocumentEvent::Rejected);
         store.mark_rejected(&pending.message, reason, now_unix_ms())?;
         store.durable().await?;
         // The message goes back to the queue after a backoff that doubles with each rejection; it
@@ -485,6 +530,17 @@ impl<T: Transport> Hub<T> {
             document_id: document_id.to_owned(),
             recipients,
         })
+    }
+
+    /// Counts a delivery and its end-to-end latency, from this hub's trace hop.
+    fn observe_delivery(&self, document: &wire::Document, urgency: u8, recipient: &AgencyCode) {
+        let metrics = &self.inner.metrics;
+        let hub = self.inner.config.hub_code.as_str();
+        if let Some(hop) = document.trace.iter().rev().find(|hop| hop.hub == hub) {
+            let waited = now_unix_ms().saturating_sub(hop.at_unix_ms);
+            metrics.observe_end_to_end(Duration::from_millis(u64::try_from(waited).unwrap_or(0)));
+        }
+        metrics.document(DocumentEvent::Delivered, urgency, recipient.level());
     }
 
     fn known_document(&self, document_id: &str) -> Result<wire::StoredDocument, HubError> {

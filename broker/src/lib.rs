@@ -10,6 +10,7 @@
 //! - [`hub`]: the use cases (send, receive, ack, report status, track).
 //! - [`publisher`]: moves the outbox to the transport.
 //! - [`grpc`], [`server`]: the gRPC service and the server that runs it all.
+//! - [`http`], [`metrics`]: `/healthz`, `/readyz` and Prometheus `/metrics` for operators.
 //! - [`client`], [`cli`]: the client side, for people and tests.
 //! - [`config`], [`error`]: configuration and the errors callers see.
 
@@ -21,7 +22,9 @@ pub mod directory;
 pub mod document;
 pub mod error;
 pub mod grpc;
+pub mod http;
 pub mod hub;
+pub mod metrics;
 pub mod publisher;
 pub mod receipt;
 pub mod server;

@@ -37,12 +37,20 @@ pub async fn run<T: Transport>(hub: Hub<T>, shutdown: CancellationToken) {
             }
             continue;
         }
-        let publishes = batch.iter().map(|pending| {
-            hub.transport().publish(OutboundMessage {
-                routing_key: &pending.recipient,
-                message_id: &pending.message_id,
-                payload: &pending.payload,
-            })
+        let publishes = batch.iter().map(|pending| async {
+            let started = std::time::Instant::now();
+            let result = hub
+                .transport()
+                .publish(OutboundMessage {
+                    routing_key: &pending.recipient,
+                    message_id: &pending.message_id,
+                    payload: &pending.payload,
+                })
+                .await;
+            if result.is_ok() {
+                hub.metrics().observe_publish_confirm(started.elapsed());
+            }
+            result
         });
         let results = futures_util::future::join_all(publishes).await;
         let mut first_failure = None;

@@ -98,8 +98,20 @@ async fn serve<T: Transport>(
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes);
 
+    let http_listen = hub.config().http_listen;
+    let http_listener = TcpListener::bind(http_listen)
+        .await
+        .with_context(|| format!("cannot listen on {http_listen} ([server] http_listen)"))?;
+    let http_address = http_listener.local_addr()?;
+    let http_stop = stop.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(http_listener, crate::http::router(hub))
+            .with_graceful_shutdown(async move { http_stop.cancelled().await })
+            .await
+    });
+
     let local_address = listener.local_addr()?;
-    tracing::info!(grpc = %local_address, "serving");
+    tracing::info!(grpc = %local_address, http = %http_address, "serving");
     let stop_streams = stop.clone();
     let served = tonic::transport::Server::builder()
         .add_service(health_service)
@@ -133,6 +145,7 @@ async fn serve<T: Transport>(
             "the outbox publisher did not stop within the grace period"
         );
     }
+    let _ = tokio::time::timeout(grace, http).await;
     store.durable().await?;
     tracing::info!(waiting_in_outbox = store.outbox_len(), "hub stopped");
     result

@@ -178,6 +178,11 @@ impl Store {
         self.inner.group_commit.wait().await
     }
 
+    /// The database's size on disk, in bytes (0 if it cannot be read).
+    pub fn size_on_disk(&self) -> u64 {
+        self.inner.db.size_on_disk().unwrap_or(0)
+    }
+
     /// Messages waiting in the outbox.
     pub fn outbox_len(&self) -> u64 {
         self.inner.outbox_len.load(Ordering::Relaxed)

@@ -76,6 +76,8 @@ pub struct HubOptions {
     pub retry_backoff_base_ms: u64,
     /// `127.0.0.1:0` picks a free port; a process keeps a fixed one across restarts.
     pub grpc_listen: String,
+    /// The operators' HTTP endpoint (`/healthz`, `/readyz`, `/metrics`).
+    pub http_listen: String,
 }
 
 impl HubOptions {
@@ -89,6 +91,7 @@ impl HubOptions {
             delivery_limit: 5,
             retry_backoff_base_ms: 20,
             grpc_listen: "127.0.0.1:0".into(),
+            http_listen: format!("127.0.0.1:{}", free_port()),
         }
     }
 }
@@ -129,7 +132,7 @@ impl HubFiles {
 code = "{PROVINCE}"
 [server]
 grpc_listen = "{grpc_listen}"
-http_listen = "127.0.0.1:0"
+http_listen = "{http_listen}"
 [storage]
 data_dir = "{data_dir}"
 [transport]
@@ -150,6 +153,7 @@ retry_backoff_base_ms = {retry_backoff_base_ms}
 retry_backoff_max_ms = 500
 "#,
             grpc_listen = options.grpc_listen,
+            http_listen = options.http_listen,
             data_dir = self.dir.path().join("data").display(),
             prefix = self.prefix,
             directory = directory_path.display(),
@@ -212,6 +216,13 @@ impl TestHub {
                 let _ = stopped.await;
             },
         ));
+        let http = options.http_listen.clone();
+        eventually(
+            "the test hub serves HTTP",
+            Duration::from_secs(10),
+            || async { tokio::net::TcpStream::connect(&http).await.is_ok() },
+        )
+        .await;
         TestHub {
             endpoint,
             files,
@@ -486,4 +497,39 @@ pub async fn amqp_queue_depth(queue: &str) -> u32 {
         .expect("the queue exists");
     let _ = connection.close(200, "done".into()).await;
     declared.message_count()
+}
+
+/// GETs `path` from an HTTP endpoint (`host:port`); returns the status code and the body.
+pub async fn http_get(address: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect to the HTTP endpoint");
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes())
+        .await
+        .expect("send the request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("read the response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("an HTTP status line");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, body)| body)
+        .to_owned();
+    (status, body)
+}
+
+/// A document as sent, without the trace hops hubs add on the way.
+pub fn without_trace(document: &wire::Document) -> wire::Document {
+    wire::Document {
+        trace: Vec::new(),
+        ..document.clone()
+    }
 }

@@ -202,6 +202,10 @@ impl Transport for AmqpTransport {
         Ok(AmqpSubscription { channel, consumer })
     }
 
+    fn is_ready(&self) -> bool {
+        self.is_connected()
+    }
+
     async fn dead_letter_count(&self) -> Result<u64, TransportError> {
         let session = self.session()?;
         let channel = session

@@ -143,6 +143,10 @@ impl Transport for EmbeddedTransport {
         })
     }
 
+    fn is_ready(&self) -> bool {
+        true
+    }
+
     async fn dead_letter_count(&self) -> Result<u64, TransportError> {
         Ok(self.inner.dead_letters.len() as u64)
     }

@@ -105,6 +105,9 @@ pub trait Transport: Clone + Send + Sync + 'static {
         prefetch: u16,
     ) -> impl Future<Output = Result<Self::Subscription, TransportError>> + Send;
 
+    /// Whether the transport can carry messages now (for readiness).
+    fn is_ready(&self) -> bool;
+
     /// Messages in the dead-letter queue.
     fn dead_letter_count(&self) -> impl Future<Output = Result<u64, TransportError>> + Send;
 }

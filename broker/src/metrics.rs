@@ -1,0 +1,195 @@
+//! Prometheus metrics of the hub, served at `/metrics` on `[server] http_listen`.
+//!
+//! Counters are labelled by event, urgency and the recipient's level (province, district,
+//! commune, unit), so that an operator can see, say, express documents to communes separately.
+//! Gauges that mirror state (outbox depth, connection, database size) are read at scrape time.
+
+use crate::agency::AgencyLevel;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::time::Duration;
+
+/// What happened to a document for one recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DocumentEvent {
+    Accepted,
+    Delivered,
+    Acknowledged,
+    Rejected,
+    DeadLettered,
+}
+
+impl DocumentEvent {
+    fn as_str(self) -> &'static str {
+        match self {
+            DocumentEvent::Accepted => "accepted",
+            DocumentEvent::Delivered => "delivered",
+            DocumentEvent::Acknowledged => "acknowledged",
+            DocumentEvent::Rejected => "rejected",
+            DocumentEvent::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DocumentLabels {
+    event: &'static str,
+    urgency: u8,
+    level: &'static str,
+}
+
+/// The hub's metrics; shared behind an `Arc`.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    documents: Family<DocumentLabels, Counter>,
+    send_seconds: Histogram,
+    publish_confirm_seconds: Histogram,
+    end_to_end_seconds: Histogram,
+    outbox_depth: Gauge,
+    transport_connected: Gauge,
+    database_bytes: Gauge,
+}
+
+/// State read at scrape time.
+#[derive(Debug, Clone, Copy)]
+pub struct Snapshot {
+    pub outbox_depth: u64,
+    pub transport_connected: bool,
+    pub database_bytes: u64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("lienthong");
+        let documents = Family::<DocumentLabels, Counter>::default();
+        registry.register(
+            "documents",
+            "Documents per recipient by event (accepted, delivered, acknowledged, rejected, dead_lettered), urgency and recipient level",
+            documents.clone(),
+        );
+        let latency = || Histogram::new(exponential_buckets(0.000_25, 2.0, 18));
+        let send_seconds = latency();
+        registry.register(
+            "send_latency_seconds",
+            "Time from a Send request to its answer (durable custody)",
+            send_seconds.clone(),
+        );
+        let publish_confirm_seconds = latency();
+        registry.register(
+            "publish_confirm_latency_seconds",
+            "Time from publishing an outbox message to the transport's confirm",
+            publish_confirm_seconds.clone(),
+        );
+        let end_to_end_seconds = latency();
+        registry.register(
+            "end_to_end_latency_seconds",
+            "Time from a document's acceptance to its delivery on a recipient's stream",
+            end_to_end_seconds.clone(),
+        );
+        let outbox_depth = Gauge::default();
+        registry.register(
+            "outbox_depth",
+            "Messages waiting in the outbox for the transport",
+            outbox_depth.clone(),
+        );
+        let transport_connected = Gauge::default();
+        registry.register(
+            "transport_connected",
+            "1 when the message transport (RabbitMQ) is connected",
+            transport_connected.clone(),
+        );
+        let database_bytes = Gauge::default();
+        registry.register(
+            "database_bytes",
+            "Size of the hub's sled database on disk",
+            database_bytes.clone(),
+        );
+        Metrics {
+            registry,
+            documents,
+            send_seconds,
+            publish_confirm_seconds,
+            end_to_end_seconds,
+            outbox_depth,
+            transport_connected,
+            database_bytes,
+        }
+    }
+
+    pub fn document(&self, event: DocumentEvent, urgency: u8, level: AgencyLevel) {
+        self.documents
+            .get_or_create(&DocumentLabels {
+                event: event.as_str(),
+                urgency,
+                level: level.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn observe_send(&self, latency: Duration) {
+        self.send_seconds.observe(latency.as_secs_f64());
+    }
+
+    pub fn observe_publish_confirm(&self, latency: Duration) {
+        self.publish_confirm_seconds.observe(latency.as_secs_f64());
+    }
+
+    pub fn observe_end_to_end(&self, latency: Duration) {
+        self.end_to_end_seconds.observe(latency.as_secs_f64());
+    }
+
+    /// The OpenMetrics text exposition, with the state gauges set from `snapshot`.
+    pub fn render(&self, snapshot: Snapshot) -> String {
+        self.outbox_depth
+            .set(i64::try_from(snapshot.outbox_depth).unwrap_or(i64::MAX));
+        self.transport_connected
+            .set(i64::from(snapshot.transport_connected));
+        self.database_bytes
+            .set(i64::try_from(snapshot.database_bytes).unwrap_or(i64::MAX));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_and_gauges_appear_in_the_exposition() {
+        let metrics = Metrics::new();
+        metrics.document(DocumentEvent::Accepted, 3, AgencyLevel::CommuneOrOffice);
+        metrics.document(DocumentEvent::Accepted, 3, AgencyLevel::CommuneOrOffice);
+        metrics.observe_send(Duration::from_millis(2));
+        let text = metrics.render(Snapshot {
+            outbox_depth: 7,
+            transport_connected: true,
+            database_bytes: 4096,
+        });
+        assert!(
+            text.contains(
+                r#"lienthong_documents_total{event="accepted",urgency="3",level="commune"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains("lienthong_outbox_depth 7"), "{text}");
+        assert!(text.contains("lienthong_transport_connected 1"), "{text}");
+        assert!(
+            text.contains("lienthong_send_latency_seconds_count 1"),
+            "{text}"
+        );
+    }
+}
