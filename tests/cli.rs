@@ -268,3 +268,55 @@ async fn the_client_subcommands_send_receive_report_and_track() {
     );
     hub.kill().await;
 }
+
+/// A database that lost records (here: its files replaced by an empty one, or damaged in the
+/// middle) is refused at start with a message naming the data directory; the hub never starts
+/// empty in its place.
+#[tokio::test]
+async fn a_damaged_database_is_refused_at_start() {
+    let options = HubOptions::new(TransportKind::Embedded);
+    for damage in ["emptied", "overwritten"] {
+        let files = HubFiles::create("damaged", &options);
+        let hub = HubProcess::start(&files, &options).await;
+        let mut commune = hub.client(COMMUNE).await;
+        for n in 0..5 {
+            send(
+                &mut commune,
+                document(COMMUNE, &[DISTRICT], &format!("{damage} {n}")),
+            )
+            .await;
+        }
+        hub.kill().await;
+
+        let data = files.data_dir();
+        let database = data.join("db");
+        match damage {
+            "emptied" => {
+                std::fs::remove_file(&database).expect("remove db");
+                std::fs::remove_file(data.join("conf")).expect("remove conf");
+            }
+            _ => {
+                let mut bytes = std::fs::read(&database).expect("read db");
+                let middle = bytes.len() / 2;
+                let end = (middle + 4096).min(bytes.len());
+                bytes[middle..end].fill(0xff);
+                std::fs::write(&database, bytes).expect("write db");
+            }
+        }
+        let output = lienthong(&[
+            "serve",
+            "--config",
+            files.config_path.to_str().expect("utf-8 path"),
+        ]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success(),
+            "{damage}: the hub must not start: {stderr}"
+        );
+        assert!(
+            stderr.contains(&data.display().to_string()),
+            "{damage}: names the data directory: {stderr}"
+        );
+        assert!(stderr.contains("refuses to start"), "{damage}: {stderr}");
+    }
+}
