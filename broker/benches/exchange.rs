@@ -6,7 +6,8 @@
 //! - **hub**: a release `lienthong` process on the same RabbitMQ, senders calling `Send` over
 //!   gRPC (durable custody before the answer), one recipient streaming and acknowledging.
 //!
-//! It prints one line per case and writes `target/bench/exchange.json`. Run by `cargo test`
+//! It prints one line per case and writes `target/bench/exchange.json`;
+//! `LIENTHONG_BENCH_ONLY=16:64` runs one case (16 KiB, 64 senders). Run by `cargo test`
 //! (without `--bench`) it does one small case, so the suite keeps this code working.
 
 #[path = "../../tests/support/mod.rs"]
@@ -67,6 +68,12 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    // `LIENTHONG_BENCH_ONLY=16:64` runs only the 16 KiB, 64-sender case (sizes in KiB).
+    let only: Option<(usize, usize)> =
+        std::env::var("LIENTHONG_BENCH_ONLY").ok().and_then(|only| {
+            let (size, senders) = only.split_once(':')?;
+            Some((size.parse::<usize>().ok()? * 1024, senders.parse().ok()?))
+        });
     let cases: Vec<Case> = if full {
         let mut cases = Vec::new();
         for (size, documents) in [(2 * 1024, 4000), (16 * 1024, 4000), (256 * 1024, 600)] {
@@ -83,6 +90,9 @@ fn main() {
                 });
             }
         }
+        cases.retain(|case| {
+            only.is_none_or(|(size, senders)| case.size == size && case.senders == senders)
+        });
         cases
     } else {
         vec![Case {

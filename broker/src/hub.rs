@@ -13,6 +13,7 @@ use crate::receipt::{delivery_state, status_reports};
 use crate::status::{Reporter, StatusCode};
 use crate::store::{Acceptance, MessageRef, Store};
 use crate::transport::{Acknowledge, Inbound, Subscription, Transport};
+use futures_util::FutureExt;
 use lienthong_proto::v1 as wire;
 use prost::Message;
 use std::collections::HashMap;
@@ -214,39 +215,57 @@ impl<T: Transport> Hub<T> {
         shutdown: CancellationToken,
     ) {
         let mut stream_id = rand::random::<u64>();
-        loop {
-            let inbound = tokio::select! {
+        'stream: loop {
+            let first = tokio::select! {
                 inbound = subscription.next() => inbound,
                 () = sender.closed() => break,
                 () = shutdown.cancelled() => break,
             };
-            let inbound = match inbound {
-                Ok(inbound) => inbound,
-                Err(error) => {
-                    tracing::warn!(agency = %caller, %error, "delivery subscription lost; subscribing again");
-                    self.forget_stream(stream_id);
-                    match self.resubscribe(&caller, &sender, &shutdown).await {
-                        Some(renewed) => {
-                            subscription = renewed;
-                            stream_id = rand::random::<u64>();
-                            tracing::info!(agency = %caller, "delivery stream resumed");
-                            continue;
+            // Take whatever else is already waiting (up to the prefetch), so that one flush
+            // makes the DELIVERED receipts of the whole batch durable.
+            let mut batch = Vec::new();
+            let mut lost = None;
+            let mut next = Some(first);
+            while let Some(inbound) = next.take() {
+                match inbound {
+                    Ok(inbound) => match self.prepare_delivery(&caller, stream_id, inbound).await {
+                        Ok(Some(delivery)) => batch.push(delivery),
+                        Ok(None) => {}
+                        Err(error) => {
+                            tracing::error!(agency = %caller, %error, "cannot record a delivery");
+                            let _ = sender.send(Err(error)).await;
+                            break 'stream;
                         }
-                        None => return,
-                    }
+                    },
+                    Err(error) => lost = Some(error),
                 }
-            };
-            match self.prepare_delivery(&caller, stream_id, inbound).await {
-                Ok(Some(delivery)) => {
-                    if sender.send(Ok(delivery)).await.is_err() {
-                        break;
-                    }
+                if lost.is_none() && batch.len() < usize::from(self.inner.config.delivery.prefetch)
+                {
+                    next = subscription.next().now_or_never();
                 }
-                Ok(None) => {}
-                Err(error) => {
+            }
+            if !batch.is_empty() {
+                if let Err(error) = self.inner.store.durable().await {
                     tracing::error!(agency = %caller, %error, "cannot record a delivery");
-                    let _ = sender.send(Err(error)).await;
+                    let _ = sender.send(Err(error.into())).await;
                     break;
+                }
+                for delivery in batch {
+                    if sender.send(Ok(delivery)).await.is_err() {
+                        break 'stream;
+                    }
+                }
+            }
+            if let Some(error) = lost {
+                tracing::warn!(agency = %caller, %error, "delivery subscription lost; subscribing again");
+                self.forget_stream(stream_id);
+                match self.resubscribe(&caller, &sender, &shutdown).await {
+                    Some(renewed) => {
+                        subscription = renewed;
+                        stream_id = rand::random::<u64>();
+                        tracing::info!(agency = %caller, "delivery stream resumed");
+                    }
+                    None => return,
                 }
             }
         }
@@ -339,8 +358,8 @@ impl<T: Transport> Hub<T> {
             recipient: caller.clone(),
             document_id,
         };
+        // Durable before it is shown: the caller flushes once per batch.
         let shown_before = store.mark_delivered(&message_ref, now_unix_ms())?;
-        store.durable().await?;
         let ack_token = format!("{:032x}", rand::random::<u128>());
         self.pending_acks().insert(
             ack_token.clone(),
