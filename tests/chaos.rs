@@ -269,23 +269,27 @@ mod faults {
     async fn report(
         name: &str,
         endpoint: &str,
-        prefix: &str,
         shared: &Shared,
         expect_dead_lettered: usize,
     ) -> String {
-        let names = lienthong::transport::TopologyNames::new(prefix);
+        let kept = || async {
+            operator(endpoint)
+                .await
+                .list_queues(wire::ListQueuesRequest {})
+                .await
+                .expect("list queues")
+                .into_inner()
+                .dead_letters as usize
+        };
         if expect_dead_lettered > 0 {
             eventually(
-                "the dead letters arrive",
+                "the dead letters are kept",
                 Duration::from_secs(20),
-                || async {
-                    amqp_queue_depth(&names.dead_letter_queue()).await as usize
-                        >= expect_dead_lettered
-                },
+                || async { kept().await >= expect_dead_lettered },
             )
             .await;
         }
-        let dead_lettered = amqp_queue_depth(&names.dead_letter_queue()).await as usize;
+        let dead_lettered = kept().await;
         let mut commune = connect_retrying(endpoint, COMMUNE).await;
         let unacknowledged: Vec<String> = {
             let tally = shared.tally();
@@ -375,7 +379,7 @@ mod faults {
         }
         sending.await.expect("senders");
         receiving.await.expect("receiver");
-        report("hub-sigkill", &endpoint, &files.prefix, &shared, 0).await;
+        report("hub-sigkill", &endpoint, &shared, 0).await;
         hub.kill().await;
         files.delete_topology().await;
     }
@@ -407,7 +411,7 @@ mod faults {
         rabbitmqctl(&["await_startup"]);
         sending.await.expect("senders");
         receiving.await.expect("receiver");
-        report("rabbitmq-restart", &endpoint, &files.prefix, &shared, 0).await;
+        report("rabbitmq-restart", &endpoint, &shared, 0).await;
         hub.kill().await;
         files.delete_topology().await;
     }
@@ -438,7 +442,7 @@ mod faults {
         ));
         sending.await.expect("senders");
         receiving.await.expect("receiver");
-        report("streams-killed", &endpoint, &files.prefix, &shared, 0).await;
+        report("streams-killed", &endpoint, &shared, 0).await;
         assert!(
             shared.tally().redelivered_flags > 0,
             "documents left unacknowledged come back flagged"
@@ -478,7 +482,7 @@ mod faults {
             Duration::from_secs(1200),
         )
         .await;
-        let line = report("recipient-offline", &endpoint, &files.prefix, &shared, 0).await;
+        let line = report("recipient-offline", &endpoint, &shared, 0).await;
         println!(
             "scenario recipient-offline: backlog {}, hub peak rss {} MiB while the backlog waited, {} MiB after draining",
             scale.backlog,
@@ -521,7 +525,7 @@ mod faults {
         ));
         sending.await.expect("senders");
         receiving.await.expect("receiver");
-        report("poison-document", &endpoint, &files.prefix, &shared, 1).await;
+        report("poison-document", &endpoint, &shared, 1).await;
         hub.kill().await;
         files.delete_topology().await;
     }
@@ -548,8 +552,21 @@ mod faults {
             document(COMMUNE, &[DISTRICT], "while RabbitMQ is down"),
         )
         .await;
+        let readyz = hub.options.http_listen.clone();
+        eventually(
+            "readiness falls while RabbitMQ is down",
+            Duration::from_secs(20),
+            || async { http_get(&readyz, "/readyz").await.0 == 503 },
+        )
+        .await;
         rabbitmqctl(&["start_app"]);
         rabbitmqctl(&["await_startup"]);
+        eventually(
+            "readiness returns with RabbitMQ",
+            Duration::from_secs(30),
+            || async { http_get(&readyz, "/readyz").await.0 == 200 },
+        )
+        .await;
 
         let mut seen = Vec::new();
         while seen.len() < 2 {

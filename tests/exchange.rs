@@ -580,6 +580,22 @@ async fn the_outbox_bound_refuses_with_unavailable() {
         "{}",
         refused.message()
     );
+    let (status, body) = http_get(&hub.options.http_listen, "/readyz").await;
+    assert_eq!(status, 503, "not ready without RabbitMQ: {body}");
+    assert!(
+        body.contains("transport: not connected") && body.contains("3 messages in the outbox"),
+        "{body}"
+    );
+    let (status, _) = http_get(&hub.options.http_listen, "/healthz").await;
+    assert_eq!(status, 200, "alive all the same");
+    let listed = operator(&hub.endpoint)
+        .await
+        .list_queues(wire::ListQueuesRequest {})
+        .await
+        .expect("operators still see the outbox while RabbitMQ is away")
+        .into_inner();
+    assert_eq!(listed.outbox_depth, 3);
+    assert!(!listed.transport_error.is_empty());
     hub.finish().await;
 }
 
@@ -631,15 +647,50 @@ async fn a_document_rejected_past_the_delivery_limit_is_dead_lettered<K: Into<Ki
         reason.contains("delivery_limit 2") && reason.contains("attempt 2"),
         "{reason}"
     );
-    if kind == TransportKind::Amqp {
-        let names = lienthong::transport::TopologyNames::new(&hub.files.prefix);
-        eventually(
-            "the dead-letter queue holds the poison document",
-            Duration::from_secs(10),
-            || async { amqp_queue_depth(&names.dead_letter_queue()).await == 1 },
-        )
-        .await;
-    }
+    // The hub keeps the dead letter; an operator sees it with its reason and replays it.
+    eventually(
+        "the hub keeps the dead letter",
+        Duration::from_secs(10),
+        || async { dead_letters(&hub.endpoint, DISTRICT).await.len() == 1 },
+    )
+    .await;
+    let kept = dead_letters(&hub.endpoint, DISTRICT).await;
+    assert_eq!(kept[0].document_id, poison);
+    assert!(
+        kept[0].reason.contains("delivery_limit 2"),
+        "{}",
+        kept[0].reason
+    );
+    let replay = operator(&hub.endpoint)
+        .await
+        .replay_dead_letters(wire::ReplayDeadLettersRequest {
+            agency: DISTRICT.into(),
+            document_ids: vec![poison.clone()],
+        })
+        .await
+        .expect("replay")
+        .into_inner();
+    assert_eq!(replay.replayed, 1);
+    let again = next_delivery(&mut stream).await;
+    assert_eq!(delivered_document(&again).document_id, poison);
+    ack(&mut district, &again).await;
+    assert!(dead_letters(&hub.endpoint, DISTRICT).await.is_empty());
+    let trace = track(&mut commune, &poison).await;
+    let kinds = receipt_kinds(&trace, DISTRICT);
+    assert_eq!(
+        kinds[7..],
+        [
+            dead,
+            wire::ReceiptKind::Replayed,
+            Enqueued,
+            Delivered,
+            Acknowledged
+        ]
+    );
+    assert_eq!(
+        trace.recipients[0].state(),
+        wire::DeliveryState::Acknowledged
+    );
     hub.finish().await;
 }
 
@@ -813,6 +864,131 @@ async fn health_and_reflection_are_on() {
     hub.finish().await;
 }
 
+async fn operators_list_queues_and_others_may_not<K: Into<Kind>>(kind: K) {
+    let hub = TestHub::start("admin", HubOptions::new(kind.into().0)).await;
+    let mut commune = hub.client(COMMUNE).await;
+    for n in 0..2 {
+        send(
+            &mut commune,
+            document(COMMUNE, &[COMMUNE_2], &format!("waiting {n}")),
+        )
+        .await;
+    }
+    let admin = operator(&hub.endpoint).await;
+    let list = || {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .list_queues(wire::ListQueuesRequest {})
+                .await
+                .expect("list queues")
+                .into_inner()
+        }
+    };
+    let waiting = |listed: &wire::ListQueuesResponse| {
+        listed
+            .queues
+            .iter()
+            .find(|q| q.agency == COMMUNE_2)
+            .map(|q| q.ready)
+    };
+    eventually(
+        "both documents wait in the neighbour's queue",
+        Duration::from_secs(10),
+        || async { waiting(&list().await) == Some(2) },
+    )
+    .await;
+    let listed = list().await;
+    assert_eq!(listed.queues.len(), test_agencies().len());
+    assert_eq!(listed.outbox_depth, 0);
+    let table = lienthong::cli::queues_table(&listed);
+    assert!(
+        table.contains(COMMUNE_2) && table.contains("READY"),
+        "{table}"
+    );
+    assert!(lienthong::cli::queues_json(&listed).contains(r#""ready":2"#));
+
+    let outsider = lienthong::client::connect_admin(&hub.endpoint, COMMUNE)
+        .await
+        .expect("connect");
+    let denied = outsider
+        .clone()
+        .list_queues(wire::ListQueuesRequest {})
+        .await
+        .expect_err("an agency is not an operator");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    assert!(
+        denied.message().contains(COMMUNE) && denied.message().contains("ListQueues"),
+        "{}",
+        denied.message()
+    );
+    let denied = outsider
+        .clone()
+        .list_dead_letters(wire::ListDeadLettersRequest::default())
+        .await
+        .expect_err("not an operator");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let denied = outsider
+        .clone()
+        .replay_dead_letters(wire::ReplayDeadLettersRequest {
+            agency: COMMUNE_2.into(),
+            document_ids: vec![],
+        })
+        .await
+        .expect_err("not an operator");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let invalid = admin
+        .clone()
+        .replay_dead_letters(wire::ReplayDeadLettersRequest::default())
+        .await
+        .expect_err("replay what?");
+    assert_eq!(invalid.code(), Code::InvalidArgument);
+    hub.finish().await;
+}
+
+/// RabbitMQ counts deliveries left unacknowledged by closed streams; past the backstop
+/// `queue_delivery_limit` the queue dead-letters the document itself, and the hub's keeper
+/// still writes its DEAD_LETTERED receipt.
+#[tokio::test]
+async fn the_queue_backstop_dead_letters_with_a_receipt() {
+    let options = HubOptions {
+        delivery_limit: 1,
+        queue_delivery_limit: 2,
+        ..HubOptions::new(TransportKind::Amqp)
+    };
+    let hub = TestHub::start("backstop", options).await;
+    let mut commune = hub.client(COMMUNE).await;
+    let mut district = hub.client(DISTRICT).await;
+    let id = send(
+        &mut commune,
+        document(COMMUNE, &[DISTRICT], "never acknowledged"),
+    )
+    .await;
+    for _ in 0..3 {
+        let mut stream = open_stream(&mut district).await;
+        let delivery = next_delivery(&mut stream).await;
+        assert_eq!(delivered_document(&delivery).document_id, id);
+    }
+    eventually(
+        "the queue dead-letters the document",
+        Duration::from_secs(15),
+        || async { dead_letters(&hub.endpoint, DISTRICT).await.len() == 1 },
+    )
+    .await;
+    let kept = &dead_letters(&hub.endpoint, DISTRICT).await[0];
+    assert!(
+        kept.reason.contains("queue_delivery_limit (2)"),
+        "{}",
+        kept.reason
+    );
+    let trace = track(&mut commune, &id).await;
+    assert_eq!(
+        trace.recipients[0].state(),
+        wire::DeliveryState::DeadLettered
+    );
+    hub.finish().await;
+}
+
 /// Picks the transport of a scenario.
 struct Kind(TransportKind);
 
@@ -848,3 +1024,4 @@ on_both_transports!(access_rules_hold);
 on_both_transports!(a_document_rejected_past_the_delivery_limit_is_dead_lettered);
 on_both_transports!(a_stuck_recipient_does_not_delay_another);
 on_both_transports!(operators_see_health_readiness_and_metrics);
+on_both_transports!(operators_list_queues_and_others_may_not);

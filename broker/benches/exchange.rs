@@ -241,6 +241,9 @@ async fn raw_transport(case: Case) -> f64 {
     while publishers.join_next().await.is_some() {}
     consuming.await.expect("consumer");
     let elapsed = start.elapsed();
+    // The consumer's channel goes first: deleting a queue under a live consumer makes the
+    // broker cancel it unasked.
+    let _ = consumer_channel.close(200, "done".into()).await;
     setup
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await

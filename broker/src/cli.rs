@@ -39,6 +39,48 @@ pub enum Command {
     Status(StatusArgs),
     /// Shows every receipt and status of a document, per recipient.
     Track(TrackArgs),
+    /// Operators: per agency queue depths, consumers and dead letters, and the outbox depth.
+    Queues(QueuesArgs),
+    /// Operators: list or replay the dead letters the hub keeps.
+    #[command(subcommand)]
+    DeadLetters(DeadLettersCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct QueuesArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Refresh every this many seconds until interrupted.
+    #[arg(long, value_name = "SECONDS")]
+    pub watch: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersCommand {
+    /// Lists dead letters, oldest first, with why they were dead-lettered.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Only this recipient's.
+        #[arg(long, default_value = "")]
+        agency: String,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Sends dead letters back to their recipients' queues.
+    Replay {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Replay this recipient's dead letters.
+        #[arg(long, default_value = "")]
+        agency: String,
+        /// Replay the dead letters of this document; repeat for several.
+        #[arg(long = "document")]
+        documents: Vec<String>,
+    },
 }
 
 /// Who the client is and which hub it talks to.
@@ -132,6 +174,8 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Receive(args) => receive(args).await,
         Command::Status(args) => status(args).await,
         Command::Track(args) => track(args).await,
+        Command::Queues(args) => queues(args).await,
+        Command::DeadLetters(command) => dead_letters(command).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -150,17 +194,14 @@ async fn serve(config_path: PathBuf) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let listener = match tokio::net::TcpListener::bind(config.grpc_listen).await {
-        Ok(listener) => listener,
+    let listeners = match crate::server::Listeners::bind(&config).await {
+        Ok(listeners) => listeners,
         Err(error) => {
-            eprintln!(
-                "lienthong: cannot listen on {} ([server] grpc_listen): {error}",
-                config.grpc_listen
-            );
+            eprintln!("lienthong: {error:#}");
             return ExitCode::FAILURE;
         }
     };
-    match crate::server::run(config, listener, shutdown_signal()).await {
+    match crate::server::run(config, listeners, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("lienthong: {error:#}");
@@ -327,6 +368,122 @@ async fn track(args: TrackArgs) -> anyhow::Result<()> {
         println!("  {} {}", recipient.agency, recipient.state().as_str_name());
         for receipt in &recipient.receipts {
             println!("    {}", describe_receipt(receipt));
+        }
+    }
+    Ok(())
+}
+
+async fn queues(args: QueuesArgs) -> anyhow::Result<()> {
+    let mut admin =
+        crate::client::connect_admin(&args.client.endpoint, &args.client.agency).await?;
+    loop {
+        let response = admin
+            .list_queues(wire::ListQueuesRequest {})
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        if args.json {
+            println!("{}", queues_json(&response));
+        } else {
+            print!("{}", queues_table(&response));
+        }
+        let Some(seconds) = args.watch else {
+            return Ok(());
+        };
+        tokio::time::sleep(std::time::Duration::from_secs(seconds.max(1))).await;
+        println!();
+    }
+}
+
+/// The queues as a table a person reads.
+pub fn queues_table(response: &wire::ListQueuesResponse) -> String {
+    let mut table = format!(
+        "{:<15} {:>8} {:>8} {:>9} {:>12}\n",
+        "AGENCY", "READY", "UNACKED", "CONSUMERS", "DEAD LETTERS"
+    );
+    for queue in &response.queues {
+        table.push_str(&format!(
+            "{:<15} {:>8} {:>8} {:>9} {:>12}\n",
+            queue.agency, queue.ready, queue.unacknowledged, queue.consumers, queue.dead_letters
+        ));
+    }
+    table.push_str(&format!(
+        "outbox {} waiting, {} dead letters kept\n",
+        response.outbox_depth, response.dead_letters
+    ));
+    if !response.transport_error.is_empty() {
+        table.push_str(&format!(
+            "queue depths unknown: {}\n",
+            response.transport_error
+        ));
+    }
+    table
+}
+
+/// The queues as one JSON object.
+pub fn queues_json(response: &wire::ListQueuesResponse) -> String {
+    let queues: Vec<String> = response
+        .queues
+        .iter()
+        .map(|q| {
+            format!(
+                r#"{{"agency":"{}","queue":"{}","ready":{},"unacknowledged":{},"consumers":{},"dead_letters":{}}}"#,
+                q.agency, q.queue, q.ready, q.unacknowledged, q.consumers, q.dead_letters
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"outbox_depth":{},"dead_letters":{},"queues":[{}]}}"#,
+        response.outbox_depth,
+        response.dead_letters,
+        queues.join(",")
+    )
+}
+
+async fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<()> {
+    match command {
+        DeadLettersCommand::List {
+            client,
+            agency,
+            limit,
+        } => {
+            let mut admin = crate::client::connect_admin(&client.endpoint, &client.agency).await?;
+            let listed = admin
+                .list_dead_letters(wire::ListDeadLettersRequest { agency, limit })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .dead_letters;
+            for dead in &listed {
+                println!(
+                    "#{} {} for {} at {}: {}",
+                    dead.id,
+                    dead.message_id,
+                    dead.recipient,
+                    dead.dead_lettered_at_unix_ms,
+                    dead.reason
+                );
+            }
+            println!("{} dead letters", listed.len());
+        }
+        DeadLettersCommand::Replay {
+            client,
+            agency,
+            documents,
+        } => {
+            let mut admin = crate::client::connect_admin(&client.endpoint, &client.agency).await?;
+            let response = admin
+                .replay_dead_letters(wire::ReplayDeadLettersRequest {
+                    agency,
+                    document_ids: documents,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            for receipt in &response.receipts {
+                println!("{}", describe_receipt(receipt));
+            }
+            println!("replayed {}", response.replayed);
         }
     }
     Ok(())

@@ -30,17 +30,30 @@ impl Interceptor for AgencyIdentity {
 /// A `DocumentExchange` client speaking as one agency.
 pub type ExchangeClient = DocumentExchangeClient<InterceptedService<Channel, AgencyIdentity>>;
 
+/// An `Admin` client speaking as one operator identity.
+pub type AdminClient =
+    lienthong_proto::v1::admin_client::AdminClient<InterceptedService<Channel, AgencyIdentity>>;
+
 /// Connects to `endpoint` (`http://host:port`) as `agency`.
 pub async fn connect(endpoint: &str, agency: &str) -> anyhow::Result<ExchangeClient> {
+    let (channel, identity) = open_channel(endpoint, agency).await?;
+    Ok(DocumentExchangeClient::with_interceptor(channel, identity)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// Connects to the `Admin` service at `endpoint` as the operator identity `agency`.
+pub async fn connect_admin(endpoint: &str, agency: &str) -> anyhow::Result<AdminClient> {
+    let (channel, identity) = open_channel(endpoint, agency).await?;
+    Ok(lienthong_proto::v1::admin_client::AdminClient::with_interceptor(channel, identity))
+}
+
+async fn open_channel(endpoint: &str, agency: &str) -> anyhow::Result<(Channel, AgencyIdentity)> {
     let identity = AsciiMetadataValue::try_from(agency)
         .map_err(|_| anyhow::anyhow!("agency code `{agency}` is not valid metadata"))?;
     let channel = Endpoint::from_shared(endpoint.to_owned())?
         .connect()
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to the hub at {endpoint}: {e}"))?;
-    Ok(
-        DocumentExchangeClient::with_interceptor(channel, AgencyIdentity(identity))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
-    )
+    Ok((channel, AgencyIdentity(identity)))
 }

@@ -21,6 +21,8 @@ pub struct Config {
     pub directory_file: PathBuf,
     pub limits: Limits,
     pub delivery: DeliveryConfig,
+    /// Identities (agency codes) allowed to use the `Admin` service.
+    pub operators: Vec<AgencyCode>,
 }
 
 /// Which transport carries documents between the outbox and recipients' streams.
@@ -112,6 +114,14 @@ struct ConfigToml {
     limits: LimitsToml,
     #[serde(default)]
     delivery: DeliveryToml,
+    #[serde(default)]
+    access: AccessToml,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct AccessToml {
+    operators: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -280,6 +290,7 @@ impl Config {
                     retry_backoff_base_ms,
                     retry_backoff_max_ms,
                 },
+            access: AccessToml { operators },
         } = parsed;
 
         let hub_code = code.parse().map_err(|e| format!("[hub] code: {e}"))?;
@@ -327,7 +338,16 @@ impl Config {
                 "[delivery] queue_delivery_limit: {queue_delivery_limit} must be greater than delivery_limit ({delivery_limit})"
             ));
         }
+        let operators = operators
+            .iter()
+            .enumerate()
+            .map(|(index, code)| {
+                code.parse()
+                    .map_err(|e| format!("[access] operators[{index}]: {e}"))
+            })
+            .collect::<Result<Vec<AgencyCode>, String>>()?;
         Ok(Config {
+            operators,
             hub_code,
             grpc_listen,
             http_listen,

@@ -113,3 +113,54 @@ impl<T: Transport> DocumentExchange for ExchangeService<T> {
         Ok(Response::new(response))
     }
 }
+
+/// The `Admin` service over a hub, for operators.
+#[derive(Debug)]
+pub struct AdminService<T: Transport> {
+    hub: Hub<T>,
+}
+
+impl<T: Transport> AdminService<T> {
+    pub fn new(hub: Hub<T>) -> Self {
+        AdminService { hub }
+    }
+}
+
+#[tonic::async_trait]
+impl<T: Transport> lienthong_proto::v1::admin_server::Admin for AdminService<T> {
+    async fn list_queues(
+        &self,
+        request: Request<wire::ListQueuesRequest>,
+    ) -> Result<Response<wire::ListQueuesResponse>, Status> {
+        let caller = caller_identity(&request)?;
+        Ok(Response::new(self.hub.list_queues(&caller).await?))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        request: Request<wire::ListDeadLettersRequest>,
+    ) -> Result<Response<wire::ListDeadLettersResponse>, Status> {
+        let caller = caller_identity(&request)?;
+        let wire::ListDeadLettersRequest { agency, limit } = request.into_inner();
+        let dead_letters = self.hub.list_dead_letters(&caller, &agency, limit)?;
+        Ok(Response::new(wire::ListDeadLettersResponse {
+            dead_letters,
+        }))
+    }
+
+    async fn replay_dead_letters(
+        &self,
+        request: Request<wire::ReplayDeadLettersRequest>,
+    ) -> Result<Response<wire::ReplayDeadLettersResponse>, Status> {
+        let caller = caller_identity(&request)?;
+        let wire::ReplayDeadLettersRequest {
+            agency,
+            document_ids,
+        } = request.into_inner();
+        Ok(Response::new(
+            self.hub
+                .replay_dead_letters(&caller, &agency, &document_ids)
+                .await?,
+        ))
+    }
+}

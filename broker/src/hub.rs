@@ -300,6 +300,19 @@ impl<T: Transport> Hub<T> {
         }
     }
 
+    /// Deliveries shown to `agency` and not yet settled.
+    pub(crate) fn unacknowledged_of(&self, agency: &AgencyCode) -> u64 {
+        self.pending_acks()
+            .values()
+            .filter(|pending| &pending.message.recipient == agency)
+            .count() as u64
+    }
+
+    /// Wakes the outbox publisher after something was queued outside `send`.
+    pub(crate) fn wake_publisher(&self) {
+        self.inner.outbox_wakeup.notify_one();
+    }
+
     /// Forgets the ack tokens of one stream; their transport ackers are dropped with them.
     fn forget_stream(&self, stream_id: u64) {
         self.pending_acks()

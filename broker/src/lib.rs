@@ -8,16 +8,20 @@
 //! - [`transport`]: how messages reach recipients — RabbitMQ ([`transport::amqp`]) or queues
 //!   embedded in sled ([`transport::embedded`]).
 //! - [`hub`]: the use cases (send, receive, ack, report status, track).
-//! - [`publisher`]: moves the outbox to the transport.
+//! - [`publisher`]: moves the outbox to the transport; [`dead_letters`] keeps what the
+//!   transport dead-lettered.
+//! - [`admin`]: the operators' use cases (queues, dead letters, replay).
 //! - [`grpc`], [`server`]: the gRPC service and the server that runs it all.
 //! - [`http`], [`metrics`]: `/healthz`, `/readyz` and Prometheus `/metrics` for operators.
 //! - [`client`], [`cli`]: the client side, for people and tests.
 //! - [`config`], [`error`]: configuration and the errors callers see.
 
+pub mod admin;
 pub mod agency;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod dead_letters;
 pub mod directory;
 pub mod document;
 pub mod error;

@@ -10,17 +10,19 @@ pub use wire::{DeliveryState, ReceiptKind};
 
 /// The delivery state a recipient's receipts (in sequence order) add up to.
 ///
-/// Acknowledged and dead-lettered are final; a rejection is superseded by a later delivery.
+/// Acknowledged is final; dead-lettered lasts until an operator replays the message; a
+/// rejection is superseded by a later delivery.
 pub fn delivery_state<'a>(receipts: impl IntoIterator<Item = &'a wire::Receipt>) -> DeliveryState {
     let mut state = DeliveryState::Pending;
     for receipt in receipts {
-        if matches!(
-            state,
-            DeliveryState::Acknowledged | DeliveryState::DeadLettered
-        ) {
+        if state == DeliveryState::Acknowledged {
             break;
         }
+        if state == DeliveryState::DeadLettered && receipt.kind() != ReceiptKind::Replayed {
+            continue;
+        }
         state = match receipt.kind() {
+            ReceiptKind::Replayed => DeliveryState::Pending,
             ReceiptKind::Delivered => DeliveryState::Delivered,
             ReceiptKind::Acknowledged => DeliveryState::Acknowledged,
             ReceiptKind::Rejected => DeliveryState::Rejected,

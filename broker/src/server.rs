@@ -3,13 +3,14 @@
 
 use crate::config::{Config, TransportConfig};
 use crate::directory::AgencyDirectory;
-use crate::grpc::ExchangeService;
+use crate::grpc::{AdminService, ExchangeService};
 use crate::hub::Hub;
 use crate::store::Store;
 use crate::transport::amqp::{AmqpSettings, AmqpTransport};
 use crate::transport::embedded::EmbeddedTransport;
 use crate::transport::{TopologyNames, Transport};
 use anyhow::Context;
+use lienthong_proto::v1::admin_server::AdminServer;
 use lienthong_proto::v1::document_exchange_server::DocumentExchangeServer;
 use std::future::Future;
 use tokio::net::TcpListener;
@@ -18,10 +19,43 @@ use tokio_util::sync::CancellationToken;
 /// Room for the gRPC envelope around a document of the largest accepted size.
 const MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
 
-/// Runs a hub on `listener` until `shutdown` resolves, then stops within the configured grace.
+/// The sockets a hub serves on, bound by the caller (so that tests can bind port 0 and know
+/// the addresses before the hub starts).
+#[derive(Debug)]
+pub struct Listeners {
+    /// gRPC: `DocumentExchange`, `Admin`, health and reflection (`[server] grpc_listen`).
+    pub grpc: TcpListener,
+    /// HTTP: `/healthz`, `/readyz`, `/metrics` (`[server] http_listen`).
+    pub http: TcpListener,
+}
+
+impl Listeners {
+    /// Binds both addresses of the configuration; the error names the key.
+    pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+        let grpc = TcpListener::bind(config.grpc_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on {} ([server] grpc_listen)",
+                    config.grpc_listen
+                )
+            })?;
+        let http = TcpListener::bind(config.http_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on {} ([server] http_listen)",
+                    config.http_listen
+                )
+            })?;
+        Ok(Listeners { grpc, http })
+    }
+}
+
+/// Runs a hub on `listeners` until `shutdown` resolves, then stops within the configured grace.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let directory = AgencyDirectory::load(&config.directory_file)?;
@@ -46,7 +80,7 @@ pub async fn run(
                 config.delivery.queue_delivery_limit,
             )?;
             serve(
-                config, store, transport, directory, listener, shutdown, stop,
+                config, store, transport, directory, listeners, shutdown, stop,
             )
             .await
         }
@@ -59,7 +93,7 @@ pub async fn run(
             };
             let transport = AmqpTransport::start(settings, stop.child_token());
             serve(
-                config, store, transport, directory, listener, shutdown, stop,
+                config, store, transport, directory, listeners, shutdown, stop,
             )
             .await
         }
@@ -71,7 +105,7 @@ async fn serve<T: Transport>(
     store: Store,
     transport: T,
     directory: AgencyDirectory,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -83,6 +117,8 @@ async fn serve<T: Transport>(
     let max_message_bytes = config.limits.max_document_bytes + MESSAGE_OVERHEAD_BYTES;
     let hub = Hub::new(config, store.clone(), transport, directory);
     let publisher = tokio::spawn(crate::publisher::run(hub.clone(), stop.child_token()));
+    let dead_letter_keeper =
+        tokio::spawn(crate::dead_letters::run(hub.clone(), stop.child_token()));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -98,14 +134,15 @@ async fn serve<T: Transport>(
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes);
 
-    let http_listen = hub.config().http_listen;
-    let http_listener = TcpListener::bind(http_listen)
-        .await
-        .with_context(|| format!("cannot listen on {http_listen} ([server] http_listen)"))?;
+    let Listeners {
+        grpc: listener,
+        http: http_listener,
+    } = listeners;
     let http_address = http_listener.local_addr()?;
     let http_stop = stop.clone();
+    let http_router = crate::http::router(hub.clone());
     let http = tokio::spawn(async move {
-        axum::serve(http_listener, crate::http::router(hub))
+        axum::serve(http_listener, http_router)
             .with_graceful_shutdown(async move { http_stop.cancelled().await })
             .await
     });
@@ -117,6 +154,7 @@ async fn serve<T: Transport>(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(exchange)
+        .add_service(AdminServer::new(AdminService::new(hub.clone())))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             async move {
@@ -146,6 +184,7 @@ async fn serve<T: Transport>(
         );
     }
     let _ = tokio::time::timeout(grace, http).await;
+    let _ = tokio::time::timeout(grace, dead_letter_keeper).await;
     store.durable().await?;
     tracing::info!(waiting_in_outbox = store.outbox_len(), "hub stopped");
     result

@@ -11,7 +11,8 @@
 //! - `outbox`: `[255 - urgency][seq BE]` → `OutboxEntry`, so a scan yields most urgent, then oldest;
 //! - `receipts`: seq BE → `Receipt`; `receipts_by_document`: `id 0x00 seq BE` → ();
 //! - `delivered`, `settled`: `message id 0x00 recipient` → () for deliveries shown and acknowledged;
-//! - `rejections`: `message id 0x00 recipient` → rejections so far (u32 BE).
+//! - `rejections`: `message id 0x00 recipient` → rejections so far (u32 BE);
+//! - `dead_letters`: seq BE → `StoredDeadLetter`, kept until an operator replays them.
 
 use crate::agency::AgencyCode;
 use crate::document::Document;
@@ -68,7 +69,10 @@ pub struct PendingPublish {
     pub recipient: String,
     /// The encoded `QueuedMessage` to put on the recipient's queue.
     pub payload: Vec<u8>,
+    /// The document the ENQUEUED receipt is about (none for status reports).
     document_id: Option<String>,
+    /// Whether publishing releases one reference to the document's stored body.
+    holds_body: bool,
     /// The sequence number of the ENQUEUED receipt, taken before publishing so that it orders
     /// before the DELIVERED receipt of a consumer that is faster than the publisher confirm.
     enqueued_seq: u64,
@@ -102,6 +106,7 @@ struct StoreInner {
     delivered: sled::Tree,
     settled: sled::Tree,
     rejections: sled::Tree,
+    dead_letters: sled::Tree,
     outbox_len: AtomicU64,
     group_commit: Arc<GroupCommit>,
     flusher: tokio::task::AbortHandle,
@@ -159,6 +164,7 @@ impl Store {
                 delivered: tree("delivered")?,
                 settled: tree("settled")?,
                 rejections: tree("rejections")?,
+                dead_letters: tree("dead_letters")?,
                 outbox,
                 outbox_len,
                 group_commit,
@@ -251,6 +257,7 @@ impl Store {
                         recipient: recipient.to_string(),
                         payload: Some(wire::outbox_entry::Payload::DocumentId(document.id.clone())),
                         accepted_at_unix_ms: now_unix_ms,
+                        receipt_document_id: String::new(),
                     };
                     outbox.insert(
                         &outbox_key(document.urgency.value(), seqs[2 * index]),
@@ -301,6 +308,7 @@ impl Store {
                 recipient: recipient.to_string(),
                 payload: Some(wire::outbox_entry::Payload::Status(report.clone())),
                 accepted_at_unix_ms: now_unix_ms,
+                receipt_document_id: String::new(),
             };
             let key = outbox_key(
                 crate::document::Urgency::HIGHEST.value(),
@@ -353,6 +361,10 @@ impl Store {
                 recipient: entry.recipient.clone(),
                 payload: None,
             };
+            let holds_body = matches!(
+                entry.payload,
+                Some(wire::outbox_entry::Payload::DocumentId(_))
+            );
             let (payload, document_id) = match entry.payload {
                 Some(wire::outbox_entry::Payload::DocumentId(document_id)) => {
                     let body = inner
@@ -364,6 +376,11 @@ impl Store {
                             ))
                         })?;
                     (encode_queued_document(header, &body), Some(document_id))
+                }
+                Some(wire::outbox_entry::Payload::QueuedMessage(queued)) => {
+                    let document =
+                        Some(entry.receipt_document_id.clone()).filter(|id| !id.is_empty());
+                    (queued, document)
                 }
                 Some(wire::outbox_entry::Payload::Status(status)) => {
                     let message = wire::QueuedMessage {
@@ -380,6 +397,7 @@ impl Store {
                 recipient: entry.recipient,
                 payload,
                 document_id,
+                holds_body,
                 enqueued_seq: inner.db.generate_id()?,
             });
         }
@@ -394,7 +412,11 @@ impl Store {
         now_unix_ms: i64,
     ) -> Result<(), StoreError> {
         let inner = &*self.inner;
-        let removed = match &published.document_id {
+        let body_of = published
+            .document_id
+            .as_ref()
+            .filter(|_| published.holds_body);
+        let removed = match body_of {
             None => inner.outbox.remove(&published.key)?.is_some(),
             Some(document_id) => {
                 let result = (&inner.outbox, &inner.outbox_refs, &inner.document_bodies)
@@ -550,6 +572,161 @@ impl Store {
             )?;
         }
         Ok(())
+    }
+
+    /// Keeps a message the transport dead-lettered. Writes a DEAD_LETTERED receipt unless the
+    /// hub already wrote one for this delivery (when it dead-lettered the message itself).
+    pub fn keep_dead_letter(
+        &self,
+        message_id: &str,
+        recipient: &str,
+        document_id: Option<&str>,
+        transport_reason: &str,
+        queued_message: &[u8],
+        now_unix_ms: i64,
+    ) -> Result<(), StoreError> {
+        let inner = &*self.inner;
+        let mut reason = transport_reason.to_owned();
+        if let Some(document_id) = document_id {
+            let last = self
+                .receipts_of(document_id)?
+                .into_iter()
+                .rfind(|r| r.agency == recipient);
+            match last {
+                Some(receipt) if receipt.kind() == ReceiptKind::DeadLettered => {
+                    reason = receipt.detail
+                }
+                _ => {
+                    self.append_receipt(
+                        inner.db.generate_id()?,
+                        document_id,
+                        recipient,
+                        ReceiptKind::DeadLettered,
+                        now_unix_ms,
+                        ReceiptDetail {
+                            detail: transport_reason,
+                            ..ReceiptDetail::default()
+                        },
+                    )?;
+                }
+            }
+        }
+        let kept = wire::StoredDeadLetter {
+            message_id: message_id.to_owned(),
+            recipient: recipient.to_owned(),
+            document_id: document_id.unwrap_or_default().to_owned(),
+            reason,
+            dead_lettered_at_unix_ms: now_unix_ms,
+            queued_message: queued_message.to_vec(),
+        };
+        inner
+            .dead_letters
+            .insert(inner.db.generate_id()?.to_be_bytes(), kept.encode_to_vec())?;
+        Ok(())
+    }
+
+    /// Dead letters kept, oldest first, with their ids; only `recipient`'s when given.
+    pub fn dead_letters(
+        &self,
+        recipient: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(u64, wire::StoredDeadLetter)>, StoreError> {
+        let mut kept = Vec::new();
+        for item in self.inner.dead_letters.iter() {
+            if kept.len() >= limit {
+                break;
+            }
+            let (key, value) = item?;
+            let dead_letter =
+                wire::StoredDeadLetter::decode(&*value).map_err(corrupt("dead_letters"))?;
+            if recipient.is_none_or(|r| r == dead_letter.recipient) {
+                let id = <[u8; 8]>::try_from(&*key).map_or(0, u64::from_be_bytes);
+                kept.push((id, dead_letter));
+            }
+        }
+        Ok(kept)
+    }
+
+    /// Sends dead letters back to their recipients' queues through the outbox, each with a
+    /// REPLAYED receipt (for documents) naming `operator`; their rejection counts start again.
+    /// Returns how many were replayed and the receipts.
+    pub fn replay_dead_letters(
+        &self,
+        ids: &[u64],
+        operator: &str,
+        now_unix_ms: i64,
+    ) -> Result<(u64, Vec<wire::Receipt>), StoreError> {
+        let inner = &*self.inner;
+        let mut receipts = Vec::new();
+        let mut replayed = 0;
+        for id in ids {
+            let key = id.to_be_bytes();
+            let Some(value) = inner.dead_letters.get(key)? else {
+                continue;
+            };
+            let dead_letter =
+                wire::StoredDeadLetter::decode(&*value).map_err(corrupt("dead_letters"))?;
+            let entry = wire::OutboxEntry {
+                message_id: dead_letter.message_id.clone(),
+                recipient: dead_letter.recipient.clone(),
+                payload: Some(wire::outbox_entry::Payload::QueuedMessage(
+                    dead_letter.queued_message.clone(),
+                )),
+                accepted_at_unix_ms: now_unix_ms,
+                receipt_document_id: dead_letter.document_id.clone(),
+            };
+            let outbox_key = outbox_key(
+                crate::document::Urgency::NORMAL.value(),
+                inner.db.generate_id()?,
+            );
+            let receipt = (!dead_letter.document_id.is_empty()).then(|| {
+                self.new_receipt(
+                    0,
+                    &dead_letter.document_id,
+                    &dead_letter.recipient,
+                    ReceiptKind::Replayed,
+                    now_unix_ms,
+                    ReceiptDetail {
+                        detail: &format!("replayed by {operator}"),
+                        ..ReceiptDetail::default()
+                    },
+                )
+            });
+            let receipt = match receipt {
+                Some(mut receipt) => {
+                    receipt.seq = inner.db.generate_id()?;
+                    Some(receipt)
+                }
+                None => None,
+            };
+            let pair = pair_key(&dead_letter.message_id, &dead_letter.recipient);
+            let result = (
+                &inner.dead_letters,
+                &inner.outbox,
+                &inner.rejections,
+                &inner.receipts,
+                &inner.receipts_by_document,
+            )
+                .transaction(
+                    |(dead_letters, outbox, rejections, receipts_tree, by_document)| {
+                        if dead_letters.remove(&key)?.is_none() {
+                            return Ok(false);
+                        }
+                        outbox.insert(&outbox_key, entry.encode_to_vec())?;
+                        rejections.remove(pair.as_slice())?;
+                        if let Some(receipt) = &receipt {
+                            insert_receipt(receipts_tree, by_document, receipt)?;
+                        }
+                        Ok(true)
+                    },
+                );
+            if unwrap_transaction(result)? {
+                replayed += 1;
+                receipts.extend(receipt);
+            }
+        }
+        inner.outbox_len.fetch_add(replayed, Ordering::Relaxed);
+        Ok((replayed, receipts))
     }
 
     /// Whether the recipient already acknowledged this message.

@@ -73,6 +73,7 @@ pub struct HubOptions {
     pub max_outbox_messages: u64,
     pub prefetch: u16,
     pub delivery_limit: u32,
+    pub queue_delivery_limit: u32,
     pub retry_backoff_base_ms: u64,
     /// `127.0.0.1:0` picks a free port; a process keeps a fixed one across restarts.
     pub grpc_listen: String,
@@ -89,6 +90,7 @@ impl HubOptions {
             max_outbox_messages: 10_000,
             prefetch: 16,
             delivery_limit: 5,
+            queue_delivery_limit: 1000,
             retry_backoff_base_ms: 20,
             grpc_listen: "127.0.0.1:0".into(),
             http_listen: format!("127.0.0.1:{}", free_port()),
@@ -147,10 +149,12 @@ max_outbox_messages = {max_outbox_messages}
 [delivery]
 prefetch = {prefetch}
 delivery_limit = {delivery_limit}
-queue_delivery_limit = 1000
+queue_delivery_limit = {queue_delivery_limit}
 shutdown_grace_ms = 3000
 retry_backoff_base_ms = {retry_backoff_base_ms}
 retry_backoff_max_ms = 500
+[access]
+operators = ["{PROVINCE}"]
 "#,
             grpc_listen = options.grpc_listen,
             http_listen = options.http_listen,
@@ -162,6 +166,7 @@ retry_backoff_max_ms = 500
             prefetch = options.prefetch,
             delivery_limit = options.delivery_limit,
             retry_backoff_base_ms = options.retry_backoff_base_ms,
+            queue_delivery_limit = options.queue_delivery_limit,
         );
         std::fs::write(&self.config_path, config).expect("write config");
     }
@@ -203,26 +208,26 @@ impl TestHub {
     }
 
     /// Starts a hub on existing files (a restart keeps the data directory and prefix).
-    pub async fn start_with(files: HubFiles, options: HubOptions) -> TestHub {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let endpoint = format!("http://{}", listener.local_addr().expect("address"));
+    pub async fn start_with(files: HubFiles, mut options: HubOptions) -> TestHub {
+        let bind = || async {
+            tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind a loopback port")
+        };
+        let listeners = lienthong::server::Listeners {
+            grpc: bind().await,
+            http: bind().await,
+        };
+        let endpoint = format!("http://{}", listeners.grpc.local_addr().expect("address"));
+        options.http_listen = listeners.http.local_addr().expect("address").to_string();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(lienthong::server::run(
             files.config(),
-            listener,
+            listeners,
             async move {
                 let _ = stopped.await;
             },
         ));
-        let http = options.http_listen.clone();
-        eventually(
-            "the test hub serves HTTP",
-            Duration::from_secs(10),
-            || async { tokio::net::TcpStream::connect(&http).await.is_ok() },
-        )
-        .await;
         TestHub {
             endpoint,
             files,
@@ -532,4 +537,25 @@ pub fn without_trace(document: &wire::Document) -> wire::Document {
         trace: Vec::new(),
         ..document.clone()
     }
+}
+
+/// An `Admin` client as the test hubs' operator (the province).
+pub async fn operator(endpoint: &str) -> lienthong::client::AdminClient {
+    lienthong::client::connect_admin(endpoint, PROVINCE)
+        .await
+        .expect("connect to Admin")
+}
+
+/// The dead letters a hub keeps.
+pub async fn dead_letters(endpoint: &str, agency: &str) -> Vec<wire::DeadLetter> {
+    operator(endpoint)
+        .await
+        .list_dead_letters(wire::ListDeadLettersRequest {
+            agency: agency.into(),
+            limit: 0,
+        })
+        .await
+        .expect("list dead letters")
+        .into_inner()
+        .dead_letters
 }

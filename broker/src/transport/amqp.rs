@@ -9,7 +9,8 @@
 //! messages until a session returns.
 
 use super::{
-    Acknowledge, Inbound, OutboundMessage, Subscription, TopologyNames, Transport, TransportError,
+    Acknowledge, Inbound, OutboundMessage, QueueDepth, Subscription, TopologyNames, Transport,
+    TransportError,
 };
 use crate::agency::AgencyCode;
 use futures_util::StreamExt;
@@ -176,11 +177,51 @@ impl Transport for AmqpTransport {
         agency: &AgencyCode,
         prefetch: u16,
     ) -> Result<AmqpSubscription, TransportError> {
+        self.consume(self.inner.settings.names.agency_queue(agency), prefetch)
+            .await
+    }
+
+    async fn subscribe_dead_letters(
+        &self,
+        prefetch: u16,
+    ) -> Result<AmqpSubscription, TransportError> {
+        self.consume(self.inner.settings.names.dead_letter_queue(), prefetch)
+            .await
+    }
+
+    async fn queue_depth(&self, agency: &AgencyCode) -> Result<QueueDepth, TransportError> {
+        let queue = self
+            .inspect(self.inner.settings.names.agency_queue(agency))
+            .await?;
+        Ok(QueueDepth {
+            ready: u64::from(queue.message_count()),
+            consumers: queue.consumer_count(),
+        })
+    }
+
+    fn is_ready(&self) -> bool {
+        self.is_connected()
+    }
+
+    async fn dead_letter_count(&self) -> Result<u64, TransportError> {
+        let queue = self
+            .inspect(self.inner.settings.names.dead_letter_queue())
+            .await?;
+        Ok(u64::from(queue.message_count()))
+    }
+}
+
+impl AmqpTransport {
+    /// Consumes a queue on a channel of its own, with at most `prefetch` unacknowledged.
+    async fn consume(
+        &self,
+        queue: String,
+        prefetch: u16,
+    ) -> Result<AmqpSubscription, TransportError> {
         // A stream opened while the connection is being (re)established waits a little for it
         // rather than failing at once.
         self.wait_connected(SUBSCRIBE_WAIT).await?;
         let session = self.session()?;
-        let queue = self.inner.settings.names.agency_queue(agency);
         let subscribe = async {
             let channel = session.connection.create_channel().await?;
             channel
@@ -202,20 +243,17 @@ impl Transport for AmqpTransport {
         Ok(AmqpSubscription { channel, consumer })
     }
 
-    fn is_ready(&self) -> bool {
-        self.is_connected()
-    }
-
-    async fn dead_letter_count(&self) -> Result<u64, TransportError> {
+    /// A passive declare: the queue's message and consumer counts.
+    async fn inspect(&self, queue: String) -> Result<lapin::Queue, TransportError> {
         let session = self.session()?;
         let channel = session
             .connection
             .create_channel()
             .await
             .map_err(|e| TransportError::Unavailable(e.to_string()))?;
-        let queue = channel
+        let declared = channel
             .queue_declare(
-                self.inner.settings.names.dead_letter_queue().into(),
+                queue.as_str().into(),
                 QueueDeclareOptions {
                     passive: true,
                     ..QueueDeclareOptions::default()
@@ -223,9 +261,9 @@ impl Transport for AmqpTransport {
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| TransportError::Protocol(e.to_string()));
+            .map_err(|e| TransportError::Protocol(format!("inspecting {queue}: {e}")));
         let _ = channel.close(200, "done".into()).await;
-        Ok(u64::from(queue?.message_count()))
+        declared
     }
 }
 
@@ -246,6 +284,7 @@ impl Subscription for AmqpSubscription {
                 payload: delivery.data,
                 redelivered: delivery.redelivered,
                 delivery_count: delivery_count(&delivery.properties),
+                death_reason: death_reason(&delivery.properties),
                 acker: AmqpAcker(delivery.acker),
             }),
             Some(Err(error)) => Err(TransportError::Unavailable(error.to_string())),
@@ -294,6 +333,20 @@ impl Acknowledge for AmqpAcker {
                 })
                 .await,
         )
+    }
+}
+
+/// The `x-first-death-reason` header RabbitMQ puts on a dead-lettered message.
+fn death_reason(properties: &BasicProperties) -> Option<String> {
+    match properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get("x-first-death-reason")?
+    {
+        AMQPValue::LongString(reason) => Some(reason.to_string()),
+        AMQPValue::ShortString(reason) => Some(reason.to_string()),
+        _ => None,
     }
 }
 

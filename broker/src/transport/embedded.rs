@@ -5,18 +5,24 @@
 //! by a subscription is marked in flight, in memory, until it is acked (removed), requeued
 //! (its delivery count grows; past the limit it moves to the dead letters) or its subscription
 //! is dropped (it returns to the queue marked redelivered). A publish is confirmed once it is
-//! flushed to disk, like a RabbitMQ publisher confirm.
+//! flushed to disk, like a RabbitMQ publisher confirm. The dead letters are a queue of the same
+//! kind, so the hub consumes them like RabbitMQ's dead-letter queue.
 //!
-//! Stored value: `[redelivered: u8][delivery count: u32 BE][payload]`.
+//! Stored value: `[flags: u8][delivery count: u32 BE][payload]`, flags bit 0 = redelivered,
+//! bit 1 = dead-lettered by the delivery limit (rather than sent there explicitly).
 
 use super::{
-    Acknowledge, Inbound, OutboundMessage, Subscription, TopologyNames, Transport, TransportError,
+    Acknowledge, DEATH_BY_DELIVERY_LIMIT, DEATH_BY_REJECTION, Inbound, OutboundMessage, QueueDepth,
+    Subscription, TopologyNames, Transport, TransportError,
 };
 use crate::agency::{AgencyCode, topic_matches};
 use crate::store::{Store, StoreError};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+const REDELIVERED: u8 = 1;
+const BY_DELIVERY_LIMIT: u8 = 2;
 
 /// The embedded transport; cheap to clone.
 #[derive(Debug, Clone)]
@@ -29,23 +35,25 @@ struct Inner {
     store: Store,
     /// Binding pattern (the agency code) → queue.
     queues: Vec<(String, Arc<Queue>)>,
-    dead_letters: sled::Tree,
+    dead_letters: Arc<Queue>,
 }
 
 #[derive(Debug)]
 struct Queue {
     tree: sled::Tree,
-    dead_letters: sled::Tree,
+    /// Where messages go past the delivery limit; none for the dead-letter queue itself.
+    dead_letters: Option<Arc<Queue>>,
     delivery_limit: u32,
-    /// Message key → the subscription holding it.
     in_flight: Mutex<InFlight>,
     arrivals: Notify,
 }
 
 #[derive(Debug, Default)]
 struct InFlight {
+    /// Message key → the subscription holding it.
     holders: HashMap<sled::IVec, u64>,
     next_subscription: u64,
+    subscriptions: u32,
 }
 
 impl EmbeddedTransport {
@@ -57,17 +65,15 @@ impl EmbeddedTransport {
         delivery_limit: u32,
     ) -> Result<EmbeddedTransport, StoreError> {
         let db = store.db();
-        let dead_letters = db.open_tree(format!("embedded/{}", names.dead_letter_queue()))?;
+        let dead_letters = Arc::new(Queue::new(
+            db.open_tree(format!("embedded/{}", names.dead_letter_queue()))?,
+            None,
+            u32::MAX,
+        ));
         let mut queues = Vec::with_capacity(agencies.len());
         for agency in agencies {
             let tree = db.open_tree(format!("embedded/{}", names.agency_queue(agency)))?;
-            let queue = Queue {
-                tree,
-                dead_letters: dead_letters.clone(),
-                delivery_limit,
-                in_flight: Mutex::default(),
-                arrivals: Notify::new(),
-            };
+            let queue = Queue::new(tree, Some(dead_letters.clone()), delivery_limit);
             queues.push((agency.to_string(), Arc::new(queue)));
         }
         Ok(EmbeddedTransport {
@@ -79,12 +85,13 @@ impl EmbeddedTransport {
         })
     }
 
-    fn queue_of(&self, agency: &AgencyCode) -> Option<&Arc<Queue>> {
+    fn queue_of(&self, agency: &AgencyCode) -> Result<&Arc<Queue>, TransportError> {
         self.inner
             .queues
             .iter()
             .find(|(binding, _)| binding == agency.as_str())
             .map(|(_, queue)| queue)
+            .ok_or_else(|| TransportError::Unavailable(format!("no queue for agency {agency}")))
     }
 }
 
@@ -108,7 +115,7 @@ impl Transport for EmbeddedTransport {
             let seq = self.inner.store.db().generate_id().map_err(storage_error)?;
             queue
                 .tree
-                .insert(seq.to_be_bytes(), encode_value(false, 0, message.payload))
+                .insert(seq.to_be_bytes(), encode_value(0, 0, message.payload))
                 .map_err(storage_error)?;
         }
         self.inner
@@ -127,19 +134,28 @@ impl Transport for EmbeddedTransport {
         agency: &AgencyCode,
         prefetch: u16,
     ) -> Result<EmbeddedSubscription, TransportError> {
-        let queue = self
-            .queue_of(agency)
-            .ok_or_else(|| TransportError::Unavailable(format!("no queue for agency {agency}")))?
-            .clone();
-        let id = {
-            let mut in_flight = queue.lock();
-            in_flight.next_subscription += 1;
-            in_flight.next_subscription
-        };
-        Ok(EmbeddedSubscription {
-            queue,
-            id,
-            permits: Arc::new(Semaphore::new(usize::from(prefetch))),
+        Ok(EmbeddedSubscription::new(
+            self.queue_of(agency)?.clone(),
+            prefetch,
+        ))
+    }
+
+    async fn subscribe_dead_letters(
+        &self,
+        prefetch: u16,
+    ) -> Result<EmbeddedSubscription, TransportError> {
+        Ok(EmbeddedSubscription::new(
+            self.inner.dead_letters.clone(),
+            prefetch,
+        ))
+    }
+
+    async fn queue_depth(&self, agency: &AgencyCode) -> Result<QueueDepth, TransportError> {
+        let queue = self.queue_of(agency)?;
+        let in_flight = queue.lock();
+        Ok(QueueDepth {
+            ready: (queue.tree.len() as u64).saturating_sub(in_flight.holders.len() as u64),
+            consumers: in_flight.subscriptions,
         })
     }
 
@@ -148,11 +164,21 @@ impl Transport for EmbeddedTransport {
     }
 
     async fn dead_letter_count(&self) -> Result<u64, TransportError> {
-        Ok(self.inner.dead_letters.len() as u64)
+        Ok(self.inner.dead_letters.tree.len() as u64)
     }
 }
 
 impl Queue {
+    fn new(tree: sled::Tree, dead_letters: Option<Arc<Queue>>, delivery_limit: u32) -> Self {
+        Queue {
+            tree,
+            dead_letters,
+            delivery_limit,
+            in_flight: Mutex::default(),
+            arrivals: Notify::new(),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, InFlight> {
         // A panic while holding the lock leaves the map consistent (each step is one insert or
         // remove), so a poisoned lock is still usable.
@@ -169,19 +195,30 @@ impl Queue {
         let (_, delivery_count, payload) = decode_value(&value)?;
         let delivery_count = delivery_count + u32::from(count_delivery);
         if delivery_count > self.delivery_limit {
-            self.move_to_dead_letters(key, payload)?;
+            self.move_to_dead_letters(key, payload, BY_DELIVERY_LIMIT)?;
         } else {
             self.tree
-                .insert(key, encode_value(true, delivery_count, payload))
+                .insert(key, encode_value(REDELIVERED, delivery_count, payload))
                 .map_err(storage_error)?;
         }
         Ok(())
     }
 
-    fn move_to_dead_letters(&self, key: &sled::IVec, payload: &[u8]) -> Result<(), TransportError> {
-        self.dead_letters
-            .insert(key, encode_value(false, 0, payload))
-            .map_err(storage_error)?;
+    /// Moves a message to the dead letters; from the dead-letter queue itself, drops it (it is
+    /// settled there only once the hub has kept it).
+    fn move_to_dead_letters(
+        &self,
+        key: &sled::IVec,
+        payload: &[u8],
+        flags: u8,
+    ) -> Result<(), TransportError> {
+        if let Some(dead_letters) = &self.dead_letters {
+            dead_letters
+                .tree
+                .insert(key, encode_value(flags, 0, payload))
+                .map_err(storage_error)?;
+            dead_letters.arrivals.notify_waiters();
+        }
         self.tree.remove(key).map_err(storage_error)?;
         Ok(())
     }
@@ -193,6 +230,34 @@ pub struct EmbeddedSubscription {
     queue: Arc<Queue>,
     id: u64,
     permits: Arc<Semaphore>,
+}
+
+impl EmbeddedSubscription {
+    fn new(queue: Arc<Queue>, prefetch: u16) -> Self {
+        let id = {
+            let mut in_flight = queue.lock();
+            in_flight.next_subscription += 1;
+            in_flight.subscriptions += 1;
+            in_flight.next_subscription
+        };
+        EmbeddedSubscription {
+            queue,
+            id,
+            permits: Arc::new(Semaphore::new(usize::from(prefetch))),
+        }
+    }
+
+    fn take_first_free(&self) -> Result<Option<(sled::IVec, sled::IVec)>, TransportError> {
+        let mut in_flight = self.queue.lock();
+        for item in self.queue.tree.iter() {
+            let (key, value) = item.map_err(storage_error)?;
+            if !in_flight.holders.contains_key(&key) {
+                in_flight.holders.insert(key.clone(), self.id);
+                return Ok(Some((key, value)));
+            }
+        }
+        Ok(None)
+    }
 }
 
 impl Subscription for EmbeddedSubscription {
@@ -210,11 +275,20 @@ impl Subscription for EmbeddedSubscription {
             tokio::pin!(arrivals);
             arrivals.as_mut().enable();
             if let Some((key, value)) = self.take_first_free()? {
-                let (redelivered, delivery_count, payload) = decode_value(&value)?;
+                let (flags, delivery_count, payload) = decode_value(&value)?;
+                let death_reason = self.queue.dead_letters.is_none().then(|| {
+                    if flags & BY_DELIVERY_LIMIT != 0 {
+                        DEATH_BY_DELIVERY_LIMIT
+                    } else {
+                        DEATH_BY_REJECTION
+                    }
+                    .to_owned()
+                });
                 return Ok(Inbound {
                     payload: payload.to_vec(),
-                    redelivered,
+                    redelivered: flags & REDELIVERED != 0,
                     delivery_count,
+                    death_reason,
                     acker: EmbeddedAcker {
                         queue: self.queue.clone(),
                         key,
@@ -228,23 +302,10 @@ impl Subscription for EmbeddedSubscription {
     }
 }
 
-impl EmbeddedSubscription {
-    fn take_first_free(&self) -> Result<Option<(sled::IVec, sled::IVec)>, TransportError> {
-        let mut in_flight = self.queue.lock();
-        for item in self.queue.tree.iter() {
-            let (key, value) = item.map_err(storage_error)?;
-            if !in_flight.holders.contains_key(&key) {
-                in_flight.holders.insert(key.clone(), self.id);
-                return Ok(Some((key, value)));
-            }
-        }
-        Ok(None)
-    }
-}
-
 impl Drop for EmbeddedSubscription {
     fn drop(&mut self) {
         let mut in_flight = self.queue.lock();
+        in_flight.subscriptions = in_flight.subscriptions.saturating_sub(1);
         let held: Vec<sled::IVec> = in_flight
             .holders
             .iter()
@@ -303,28 +364,28 @@ impl Acknowledge for EmbeddedAcker {
         let _in_flight = self.release()?;
         if let Some(value) = self.queue.tree.get(&self.key).map_err(storage_error)? {
             let (_, _, payload) = decode_value(&value)?;
-            self.queue.move_to_dead_letters(&self.key, payload)?;
+            self.queue.move_to_dead_letters(&self.key, payload, 0)?;
         }
         Ok(())
     }
 }
 
-fn encode_value(redelivered: bool, delivery_count: u32, payload: &[u8]) -> Vec<u8> {
+fn encode_value(flags: u8, delivery_count: u32, payload: &[u8]) -> Vec<u8> {
     let mut value = Vec::with_capacity(5 + payload.len());
-    value.push(u8::from(redelivered));
+    value.push(flags);
     value.extend_from_slice(&delivery_count.to_be_bytes());
     value.extend_from_slice(payload);
     value
 }
 
-fn decode_value(value: &[u8]) -> Result<(bool, u32, &[u8]), TransportError> {
+fn decode_value(value: &[u8]) -> Result<(u8, u32, &[u8]), TransportError> {
     if value.len() < 5 {
         return Err(TransportError::Protocol(
             "an embedded queue entry is truncated".into(),
         ));
     }
     let delivery_count = u32::from_be_bytes([value[1], value[2], value[3], value[4]]);
-    Ok((value[0] != 0, delivery_count, &value[5..]))
+    Ok((value[0], delivery_count, &value[5..]))
 }
 
 fn storage_error(error: sled::Error) -> TransportError {

@@ -34,7 +34,23 @@ pub struct Inbound<A> {
     /// How many times the message was returned to the queue before (requeued or left
     /// unsettled): 0 on its first delivery. Compared with the delivery limit.
     pub delivery_count: u32,
+    /// For a message taken from the dead-letter queue: why it was dead-lettered
+    /// ([`DEATH_BY_REJECTION`], [`DEATH_BY_DELIVERY_LIMIT`], or the broker's own word).
+    pub death_reason: Option<String>,
     pub acker: A,
+}
+
+/// A message sent to the dead letters explicitly (a nack without requeue).
+pub const DEATH_BY_REJECTION: &str = "rejected";
+/// A message dead-lettered by the queue because it was returned too many times.
+pub const DEATH_BY_DELIVERY_LIMIT: &str = "delivery_limit";
+
+/// How many messages a queue holds and who consumes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueDepth {
+    /// Messages waiting, not taken by any consumer.
+    pub ready: u64,
+    pub consumers: u32,
 }
 
 /// Why the transport could not do what was asked.
@@ -104,6 +120,18 @@ pub trait Transport: Clone + Send + Sync + 'static {
         agency: &AgencyCode,
         prefetch: u16,
     ) -> impl Future<Output = Result<Self::Subscription, TransportError>> + Send;
+
+    /// Starts consuming the dead-letter queue (to keep its messages in the hub's store).
+    fn subscribe_dead_letters(
+        &self,
+        prefetch: u16,
+    ) -> impl Future<Output = Result<Self::Subscription, TransportError>> + Send;
+
+    /// How many messages an agency's queue holds, and its consumers.
+    fn queue_depth(
+        &self,
+        agency: &AgencyCode,
+    ) -> impl Future<Output = Result<QueueDepth, TransportError>> + Send;
 
     /// Whether the transport can carry messages now (for readiness).
     fn is_ready(&self) -> bool;

@@ -1,0 +1,139 @@
+//! The operators' use cases: queue statistics, dead letters and their replay. Only identities
+//! listed in `[access] operators` may call them.
+
+use crate::agency::AgencyCode;
+use crate::error::HubError;
+use crate::hub::{Hub, now_unix_ms};
+use crate::transport::Transport;
+use lienthong_proto::v1 as wire;
+
+/// Dead letters listed when the caller gives no limit.
+const DEFAULT_LIST_LIMIT: usize = 100;
+
+impl<T: Transport> Hub<T> {
+    fn require_operator(&self, caller: &AgencyCode, action: &str) -> Result<(), HubError> {
+        if self.config().operators.contains(caller) {
+            return Ok(());
+        }
+        tracing::warn!(identity = %caller, action, "permission denied: not an operator");
+        Err(HubError::PermissionDenied(format!(
+            "{action}: {caller} is not an operator of this hub ([access] operators)"
+        )))
+    }
+
+    /// Per agency queue statistics, and the outbox depth.
+    pub async fn list_queues(
+        &self,
+        caller: &AgencyCode,
+    ) -> Result<wire::ListQueuesResponse, HubError> {
+        self.require_operator(caller, "ListQueues")?;
+        let kept = self.store().dead_letters(None, usize::MAX)?;
+        let mut queues = Vec::with_capacity(self.directory().len());
+        let names = crate::transport::TopologyNames::new(self.config().transport.prefix());
+        let mut transport_error = String::new();
+        for agency in self.directory().codes() {
+            let depth = if transport_error.is_empty() {
+                match self.transport().queue_depth(agency).await {
+                    Ok(depth) => depth,
+                    Err(error) => {
+                        transport_error = error.to_string();
+                        Default::default()
+                    }
+                }
+            } else {
+                Default::default()
+            };
+            queues.push(wire::QueueStats {
+                agency: agency.to_string(),
+                queue: names.agency_queue(agency),
+                ready: depth.ready,
+                unacknowledged: self.unacknowledged_of(agency),
+                consumers: depth.consumers,
+                dead_letters: kept
+                    .iter()
+                    .filter(|(_, d)| d.recipient == agency.as_str())
+                    .count() as u64,
+            });
+        }
+        Ok(wire::ListQueuesResponse {
+            queues,
+            outbox_depth: self.store().outbox_len(),
+            dead_letters: kept.len() as u64,
+            transport_error,
+        })
+    }
+
+    /// Dead letters kept by the hub, oldest first.
+    pub fn list_dead_letters(
+        &self,
+        caller: &AgencyCode,
+        agency: &str,
+        limit: u32,
+    ) -> Result<Vec<wire::DeadLetter>, HubError> {
+        self.require_operator(caller, "ListDeadLetters")?;
+        let agency = parse_optional_agency(agency)?;
+        let limit = if limit == 0 {
+            DEFAULT_LIST_LIMIT
+        } else {
+            limit as usize
+        };
+        let kept = self
+            .store()
+            .dead_letters(agency.as_ref().map(AgencyCode::as_str), limit)?;
+        Ok(kept
+            .into_iter()
+            .map(|(id, dead_letter)| wire::DeadLetter {
+                id,
+                message_id: dead_letter.message_id,
+                recipient: dead_letter.recipient,
+                document_id: dead_letter.document_id,
+                reason: dead_letter.reason,
+                dead_lettered_at_unix_ms: dead_letter.dead_lettered_at_unix_ms,
+            })
+            .collect())
+    }
+
+    /// Sends dead letters back to their recipients: one agency's, some documents', or both.
+    pub async fn replay_dead_letters(
+        &self,
+        caller: &AgencyCode,
+        agency: &str,
+        document_ids: &[String],
+    ) -> Result<wire::ReplayDeadLettersResponse, HubError> {
+        self.require_operator(caller, "ReplayDeadLetters")?;
+        let agency = parse_optional_agency(agency)?;
+        if agency.is_none() && document_ids.is_empty() {
+            return Err(HubError::invalid(
+                "agency",
+                "name an agency or document_ids to say which dead letters to replay",
+            ));
+        }
+        let chosen: Vec<u64> = self
+            .store()
+            .dead_letters(agency.as_ref().map(AgencyCode::as_str), usize::MAX)?
+            .into_iter()
+            .filter(|(_, d)| document_ids.is_empty() || document_ids.contains(&d.document_id))
+            .map(|(id, _)| id)
+            .collect();
+        let (replayed, receipts) =
+            self.store()
+                .replay_dead_letters(&chosen, caller.as_str(), now_unix_ms())?;
+        self.store().durable().await?;
+        self.wake_publisher();
+        tracing::info!(operator = %caller, replayed, "dead letters replayed");
+        Ok(wire::ReplayDeadLettersResponse {
+            replayed: u32::try_from(replayed).unwrap_or(u32::MAX),
+            receipts,
+        })
+    }
+}
+
+fn parse_optional_agency(agency: &str) -> Result<Option<AgencyCode>, HubError> {
+    if agency.is_empty() {
+        return Ok(None);
+    }
+    agency
+        .parse()
+        .map(Some)
+        .map_err(|e| HubError::invalid("agency", format!("{e}")))
+}
