@@ -249,6 +249,29 @@ async fn the_client_subcommands_send_receive_report_and_track() {
         assert!(tracked.contains(expected), "`{tracked}` shows {expected}");
     }
 
+    let queues = stdout_of(&lienthong(&[
+        "queues",
+        "--endpoint",
+        &endpoint,
+        "--as",
+        PROVINCE,
+    ]));
+    assert!(
+        queues.contains("AGENCY") && queues.contains(DISTRICT),
+        "{queues}"
+    );
+    let dead = stdout_of(&lienthong(&[
+        "dead-letters",
+        "list",
+        "--endpoint",
+        &endpoint,
+        "--as",
+        PROVINCE,
+        "--agency",
+        DISTRICT,
+    ]));
+    assert!(dead.contains("0 dead letters"), "{dead}");
+
     let refused = lienthong(&[
         "send",
         "--endpoint",

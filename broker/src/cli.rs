@@ -65,8 +65,8 @@ pub enum DeadLettersCommand {
         #[command(flatten)]
         client: ClientArgs,
         /// Only this recipient's.
-        #[arg(long, default_value = "")]
-        agency: String,
+        #[arg(long = "agency", default_value = "")]
+        recipient: String,
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
@@ -75,8 +75,8 @@ pub enum DeadLettersCommand {
         #[command(flatten)]
         client: ClientArgs,
         /// Replay this recipient's dead letters.
-        #[arg(long, default_value = "")]
-        agency: String,
+        #[arg(long = "agency", default_value = "")]
+        recipient: String,
         /// Replay the dead letters of this document; repeat for several.
         #[arg(long = "document")]
         documents: Vec<String>,
@@ -444,12 +444,15 @@ async fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<()> {
     match command {
         DeadLettersCommand::List {
             client,
-            agency,
+            recipient,
             limit,
         } => {
             let mut admin = crate::client::connect_admin(&client.endpoint, &client.agency).await?;
             let listed = admin
-                .list_dead_letters(wire::ListDeadLettersRequest { agency, limit })
+                .list_dead_letters(wire::ListDeadLettersRequest {
+                    agency: recipient,
+                    limit,
+                })
                 .await
                 .map_err(status_error)?
                 .into_inner()
@@ -468,13 +471,13 @@ async fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<()> {
         }
         DeadLettersCommand::Replay {
             client,
-            agency,
+            recipient,
             documents,
         } => {
             let mut admin = crate::client::connect_admin(&client.endpoint, &client.agency).await?;
             let response = admin
                 .replay_dead_letters(wire::ReplayDeadLettersRequest {
-                    agency,
+                    agency: recipient,
                     document_ids: documents,
                 })
                 .await
@@ -515,4 +518,15 @@ pub fn describe_receipt(receipt: &wire::Receipt) -> String {
 
 fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 }
