@@ -58,6 +58,8 @@ mod faults {
         duplicates_after_ack: usize,
         redelivered_flags: usize,
         rejections: std::collections::HashMap<String, u32>,
+        /// Acks whose answer was lost (the hub died): the hub may or may not have recorded them.
+        ack_unknown: HashSet<String>,
     }
 
     #[derive(Debug, Clone, Default)]
@@ -71,13 +73,14 @@ mod faults {
             self.tally.lock().expect("tally lock")
         }
 
-        /// Sending is over, every accepted document reached the recipient, and each poison
-        /// document was refused often enough to be dead-lettered.
+        /// Sending is over, every accepted document was acknowledged (or its ack's answer was
+        /// lost with the hub that received it), and each poison document was refused often
+        /// enough to be dead-lettered.
         ///
-        /// "Reached" rather than "acknowledged": when the hub dies after recording an ack but
-        /// before answering it, the client sees the ack fail while the hub rightly never shows
-        /// the document again. `report` asks the hub about every document not acked by the client.
-        fn all_received(&self, behaviour: &RecipientBehaviour) -> bool {
+        /// When the hub dies after recording an ack but before answering it, the client cannot
+        /// know; the hub rightly never shows that document again. `report` asks the hub about
+        /// every document the client did not see acknowledged.
+        fn all_accounted_for(&self, behaviour: &RecipientBehaviour) -> bool {
             if !self.senders_done.load(Ordering::SeqCst) {
                 return false;
             }
@@ -85,7 +88,12 @@ mod faults {
             let poison_done = behaviour.poison.iter().all(|id| {
                 tally.rejections.get(id).copied().unwrap_or(0) > behaviour.delivery_limit
             });
-            poison_done && tally.accepted.iter().all(|id| tally.delivered.contains(id))
+            poison_done
+                && tally.accepted.iter().all(|id| {
+                    tally.acknowledged.contains(id)
+                        || tally.ack_unknown.contains(id)
+                        || behaviour.poison.contains(id)
+                })
         }
     }
 
@@ -189,10 +197,12 @@ mod faults {
             };
             let mut stream = response.into_inner();
             loop {
-                if finished_at.is_none() && shared.all_received(&behaviour) {
+                if finished_at.is_none() && shared.all_accounted_for(&behaviour) {
                     finished_at = Some(tokio::time::Instant::now());
                 }
-                if finished_at.is_some_and(|at| at.elapsed() > Duration::from_secs(1)) {
+                // Listen a while longer: for copies shown again after an ack (counted as
+                // duplicates), and for redeliveries of documents whose ack's answer was lost.
+                if finished_at.is_some_and(|at| at.elapsed() > Duration::from_secs(3)) {
                     break 'connection;
                 }
                 let tally = shared.tally();
@@ -248,12 +258,17 @@ mod faults {
                             },
                         })
                         .await;
-                    if acked.is_ok() {
-                        let mut tally = shared.tally();
-                        if reject {
-                            *tally.rejections.entry(id).or_default() += 1;
-                        } else {
+                    let mut tally = shared.tally();
+                    match acked {
+                        Ok(_) if reject => *tally.rejections.entry(id).or_default() += 1,
+                        Ok(_) => {
+                            tally.ack_unknown.remove(&id);
                             tally.acknowledged.insert(id);
+                        }
+                        // The stream closed first: the document will come again.
+                        Err(status) if status.code() == Code::FailedPrecondition => {}
+                        Err(_) => {
+                            tally.ack_unknown.insert(id);
                         }
                     }
                 });
@@ -352,182 +367,170 @@ mod faults {
         format!("http://{}", options.grpc_listen)
     }
 
-    #[tokio::test]
-    async fn hub_killed_repeatedly_mid_load() {
-        let scale = scale();
-        let options = chaos_options();
-        let files = HubFiles::create("chaos_kill", &options);
-        let endpoint = endpoint_of(&options);
-        let mut hub = HubProcess::start(&files, &options).await;
-        let shared = Shared::default();
-        let sending = tokio::spawn(send_all(
-            endpoint.clone(),
-            documents(scale.documents, "kill"),
-            scale.senders,
-            shared.clone(),
-        ));
-        let receiving = tokio::spawn(receive_all(
-            endpoint.clone(),
-            RecipientBehaviour::default(),
-            shared.clone(),
-            Duration::from_secs(300),
-        ));
-        for _ in 0..scale.kills {
-            tokio::time::sleep(Duration::from_millis(700)).await;
-            hub.kill().await;
-            hub = HubProcess::start(&files, &options).await;
+    /// One scenario: its hub process on RabbitMQ, and the clients' tally.
+    struct Scenario {
+        files: HubFiles,
+        options: HubOptions,
+        endpoint: String,
+        hub: HubProcess,
+        shared: Shared,
+    }
+
+    impl Scenario {
+        async fn start(name: &str) -> Scenario {
+            let options = chaos_options();
+            let files = HubFiles::create(name, &options);
+            let endpoint = endpoint_of(&options);
+            let hub = HubProcess::start(&files, &options).await;
+            Scenario {
+                files,
+                options,
+                endpoint,
+                hub,
+                shared: Shared::default(),
+            }
         }
+
+        /// Starts sending `docs` and receiving them with `behaviour`, in the background.
+        fn load(
+            &self,
+            docs: Vec<wire::Document>,
+            behaviour: RecipientBehaviour,
+        ) -> (tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>) {
+            let sending = tokio::spawn(send_all(
+                self.endpoint.clone(),
+                docs,
+                scale().senders,
+                self.shared.clone(),
+            ));
+            let receiving = tokio::spawn(receive_all(
+                self.endpoint.clone(),
+                behaviour,
+                self.shared.clone(),
+                Duration::from_secs(300),
+            ));
+            (sending, receiving)
+        }
+
+        /// Prints and checks the scenario's line, and cleans up.
+        async fn finish(self, name: &str, expect_dead_lettered: usize) -> String {
+            let line = report(name, &self.endpoint, &self.shared, expect_dead_lettered).await;
+            self.hub.kill().await;
+            self.files.delete_topology().await;
+            line
+        }
+    }
+
+    /// Waits for the senders and the receiver of a scenario's load.
+    async fn wait_for(load: (tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>)) {
+        let (sending, receiving) = load;
         sending.await.expect("senders");
         receiving.await.expect("receiver");
-        report("hub-sigkill", &endpoint, &shared, 0).await;
-        hub.kill().await;
-        files.delete_topology().await;
+    }
+
+    #[tokio::test]
+    async fn hub_killed_repeatedly_mid_load() {
+        let mut scenario = Scenario::start("chaos_kill").await;
+        let load = scenario.load(
+            documents(scale().documents, "kill"),
+            RecipientBehaviour::default(),
+        );
+        for _ in 0..scale().kills {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            let Scenario {
+                files,
+                options,
+                hub,
+                ..
+            } = &mut scenario;
+            hub.restart(files, options).await;
+        }
+        wait_for(load).await;
+        scenario.finish("hub-sigkill", 0).await;
     }
 
     #[tokio::test]
     async fn rabbitmq_stopped_and_started_mid_load() {
-        let scale = scale();
-        let options = chaos_options();
-        let files = HubFiles::create("chaos_rabbit", &options);
-        let endpoint = endpoint_of(&options);
-        let hub = HubProcess::start(&files, &options).await;
-        let shared = Shared::default();
-        let sending = tokio::spawn(send_all(
-            endpoint.clone(),
-            documents(scale.documents, "rabbit"),
-            scale.senders,
-            shared.clone(),
-        ));
-        let receiving = tokio::spawn(receive_all(
-            endpoint.clone(),
+        let scenario = Scenario::start("chaos_rabbit").await;
+        let load = scenario.load(
+            documents(scale().documents, "rabbit"),
             RecipientBehaviour::default(),
-            shared.clone(),
-            Duration::from_secs(300),
-        ));
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
         rabbitmqctl(&["stop_app"]);
         tokio::time::sleep(Duration::from_secs(2)).await;
         rabbitmqctl(&["start_app"]);
         rabbitmqctl(&["await_startup"]);
-        sending.await.expect("senders");
-        receiving.await.expect("receiver");
-        report("rabbitmq-restart", &endpoint, &shared, 0).await;
-        hub.kill().await;
-        files.delete_topology().await;
+        wait_for(load).await;
+        scenario.finish("rabbitmq-restart", 0).await;
     }
 
     #[tokio::test]
     async fn recipient_streams_killed_mid_batch() {
-        let scale = scale();
-        let options = chaos_options();
-        let files = HubFiles::create("chaos_streams", &options);
-        let endpoint = endpoint_of(&options);
-        let hub = HubProcess::start(&files, &options).await;
-        let shared = Shared::default();
+        let scenario = Scenario::start("chaos_streams").await;
+        let shared = scenario.shared.clone();
         let behaviour = RecipientBehaviour {
             drop_stream_every: Some(7),
             ..RecipientBehaviour::default()
         };
-        let sending = tokio::spawn(send_all(
-            endpoint.clone(),
-            documents(scale.documents, "streams"),
-            scale.senders,
-            shared.clone(),
-        ));
-        let receiving = tokio::spawn(receive_all(
-            endpoint.clone(),
-            behaviour,
-            shared.clone(),
-            Duration::from_secs(300),
-        ));
-        sending.await.expect("senders");
-        receiving.await.expect("receiver");
-        report("streams-killed", &endpoint, &shared, 0).await;
+        let load = scenario.load(documents(scale().documents, "streams"), behaviour);
+        wait_for(load).await;
+        scenario.finish("streams-killed", 0).await;
         assert!(
             shared.tally().redelivered_flags > 0,
             "documents left unacknowledged come back flagged"
         );
-        hub.kill().await;
-        files.delete_topology().await;
     }
 
     #[tokio::test]
     async fn recipient_offline_during_a_backlog() {
-        let scale = scale();
-        let options = chaos_options();
-        let files = HubFiles::create("chaos_backlog", &options);
-        let endpoint = endpoint_of(&options);
-        let hub = HubProcess::start(&files, &options).await;
-        let shared = Shared::default();
+        let backlog = scale().backlog;
+        let scenario = Scenario::start("chaos_backlog").await;
         send_all(
-            endpoint.clone(),
-            documents(scale.backlog, "backlog"),
-            scale.senders,
-            shared.clone(),
+            scenario.endpoint.clone(),
+            documents(backlog, "backlog"),
+            scale().senders,
+            scenario.shared.clone(),
         )
         .await;
-        let names = lienthong::transport::TopologyNames::new(&files.prefix);
+        let names = lienthong::transport::TopologyNames::new(&scenario.files.prefix);
         let district_queue = names.agency_queue(&DISTRICT.parse().expect("code"));
         eventually(
             "the backlog is in the recipient's queue",
             Duration::from_secs(600),
-            || async { amqp_queue_depth(&district_queue).await as usize == scale.backlog },
+            || async { amqp_queue_depth(&district_queue).await as usize == backlog },
         )
         .await;
-        let rss_with_backlog = hub.peak_rss_bytes();
+        let rss_with_backlog = scenario.hub.peak_rss_bytes();
         receive_all(
-            endpoint.clone(),
+            scenario.endpoint.clone(),
             RecipientBehaviour::default(),
-            shared.clone(),
+            scenario.shared.clone(),
             Duration::from_secs(1200),
         )
         .await;
-        let line = report("recipient-offline", &endpoint, &shared, 0).await;
+        let rss_after = scenario.hub.peak_rss_bytes();
+        let line = scenario.finish("recipient-offline", 0).await;
         println!(
-            "scenario recipient-offline: backlog {}, hub peak rss {} MiB while the backlog waited, {} MiB after draining",
-            scale.backlog,
+            "scenario recipient-offline: backlog {backlog}, hub peak rss {} MiB while the backlog waited, {} MiB after draining",
             rss_with_backlog / (1024 * 1024),
-            hub.peak_rss_bytes() / (1024 * 1024)
+            rss_after / (1024 * 1024)
         );
-        assert!(
-            line.contains(&format!("delivered {}", scale.backlog)),
-            "{line}"
-        );
-        hub.kill().await;
-        files.delete_topology().await;
+        assert!(line.contains(&format!("delivered {backlog}")), "{line}");
     }
 
     #[tokio::test]
     async fn a_poison_document_is_dead_lettered_and_the_rest_flow() {
-        let scale = scale();
-        let options = chaos_options();
-        let files = HubFiles::create("chaos_poison", &options);
-        let endpoint = endpoint_of(&options);
-        let hub = HubProcess::start(&files, &options).await;
-        let shared = Shared::default();
-        let docs = documents(scale.documents, "poison");
+        let scenario = Scenario::start("chaos_poison").await;
+        let docs = documents(scale().documents, "poison");
         let behaviour = RecipientBehaviour {
-            poison: HashSet::from([docs[scale.documents / 2].document_id.clone()]),
+            poison: HashSet::from([docs[docs.len() / 2].document_id.clone()]),
             delivery_limit: CHAOS_DELIVERY_LIMIT,
             ..RecipientBehaviour::default()
         };
-        let sending = tokio::spawn(send_all(
-            endpoint.clone(),
-            docs,
-            scale.senders,
-            shared.clone(),
-        ));
-        let receiving = tokio::spawn(receive_all(
-            endpoint.clone(),
-            behaviour,
-            shared.clone(),
-            Duration::from_secs(300),
-        ));
-        sending.await.expect("senders");
-        receiving.await.expect("receiver");
-        report("poison-document", &endpoint, &shared, 1).await;
-        hub.kill().await;
-        files.delete_topology().await;
+        let load = scenario.load(docs, behaviour);
+        wait_for(load).await;
+        scenario.finish("poison-document", 1).await;
     }
 
     /// An open `Receive` stream survives a RabbitMQ restart without the client reconnecting:

@@ -16,7 +16,7 @@ use crate::transport::{Acknowledge, Inbound, Subscription, Transport};
 use futures_util::FutureExt;
 use lienthong_proto::v1 as wire;
 use prost::Message;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, mpsc};
@@ -49,7 +49,7 @@ struct HubInner<T: Transport> {
     directory: AgencyDirectory,
     outbox_wakeup: Notify,
     metrics: Metrics,
-    pending_acks: Mutex<HashMap<String, PendingAck<AckerOf<T>>>>,
+    pending_acks: Mutex<PendingAcks<AckerOf<T>>>,
 }
 
 /// A delivery shown on a stream and not yet settled.
@@ -60,6 +60,48 @@ struct PendingAck<A> {
     /// The document's urgency, for metrics.
     urgency: u8,
     acker: A,
+}
+
+/// Deliveries shown and not yet settled, by ack token, and which (message, recipient) pairs
+/// they are: a second copy of a pair already shown is never shown beside it (see
+/// `Hub::prepare_delivery`).
+#[derive(Debug)]
+struct PendingAcks<A> {
+    by_token: HashMap<String, PendingAck<A>>,
+    shown: HashSet<(String, AgencyCode)>,
+}
+
+impl<A> Default for PendingAcks<A> {
+    fn default() -> Self {
+        PendingAcks {
+            by_token: HashMap::new(),
+            shown: HashSet::new(),
+        }
+    }
+}
+
+impl<A> PendingAcks<A> {
+    fn pair(message: &MessageRef) -> (String, AgencyCode) {
+        (message.message_id.clone(), message.recipient.clone())
+    }
+
+    fn remove(&mut self, ack_token: &str) -> Option<PendingAck<A>> {
+        let pending = self.by_token.remove(ack_token)?;
+        self.shown.remove(&Self::pair(&pending.message));
+        Some(pending)
+    }
+
+    fn forget_stream(&mut self, stream_id: u64) {
+        let tokens: Vec<String> = self
+            .by_token
+            .iter()
+            .filter(|(_, pending)| pending.stream_id == stream_id)
+            .map(|(token, _)| token.clone())
+            .collect();
+        for token in tokens {
+            self.remove(&token);
+        }
+    }
 }
 
 /// What `Send` answers.
@@ -79,7 +121,7 @@ impl<T: Transport> Hub<T> {
                 directory,
                 outbox_wakeup: Notify::new(),
                 metrics: Metrics::new(),
-                pending_acks: Mutex::default(),
+                pending_acks: Mutex::new(PendingAcks::default()),
             }),
         }
     }
@@ -303,6 +345,7 @@ impl<T: Transport> Hub<T> {
     /// Deliveries shown to `agency` and not yet settled.
     pub(crate) fn unacknowledged_of(&self, agency: &AgencyCode) -> u64 {
         self.pending_acks()
+            .by_token
             .values()
             .filter(|pending| &pending.message.recipient == agency)
             .count() as u64
@@ -315,8 +358,7 @@ impl<T: Transport> Hub<T> {
 
     /// Forgets the ack tokens of one stream; their transport ackers are dropped with them.
     fn forget_stream(&self, stream_id: u64) {
-        self.pending_acks()
-            .retain(|_, pending| pending.stream_id != stream_id);
+        self.pending_acks().forget_stream(stream_id);
     }
 
     /// Turns a message from the queue into a delivery, or settles it at once when it must not
@@ -341,8 +383,22 @@ impl<T: Transport> Hub<T> {
                 return Ok(None);
             }
         };
-        if store.is_acknowledged(&message.message_id, caller.as_str())? {
-            tracing::debug!(message_id = %message.message_id, agency = %caller, "dropping a redelivery of an acknowledged message");
+        // A copy of a message this recipient acknowledged, or of one shown to it and not yet
+        // settled (a republished duplicate), is settled at once and never shown: the shown one
+        // is either acknowledged, or returned to the queue and delivered again. Checked and
+        // reserved under the lock that `ack` holds while it records an acknowledgement.
+        let pair = (message.message_id.clone(), caller.clone());
+        let duplicate = {
+            let mut pending = self.pending_acks();
+            let duplicate = pending.shown.contains(&pair)
+                || store.is_acknowledged(&message.message_id, caller.as_str())?;
+            if !duplicate {
+                pending.shown.insert(pair.clone());
+            }
+            duplicate
+        };
+        if duplicate {
+            tracing::debug!(message_id = %message.message_id, agency = %caller, "dropping a copy of a message shown or acknowledged before");
             let _ = inbound.acker.ack().await;
             return Ok(None);
         }
@@ -362,6 +418,7 @@ impl<T: Transport> Hub<T> {
             }
             None => {
                 tracing::error!(agency = %caller, "message without payload sent to the dead letters");
+                self.pending_acks().shown.remove(&pair);
                 let _ = inbound.acker.dead_letter().await;
                 return Ok(None);
             }
@@ -372,9 +429,15 @@ impl<T: Transport> Hub<T> {
             document_id,
         };
         // Durable before it is shown: the caller flushes once per batch.
-        let shown_before = store.mark_delivered(&message_ref, now_unix_ms())?;
+        let shown_before = match store.mark_delivered(&message_ref, now_unix_ms()) {
+            Ok(shown_before) => shown_before,
+            Err(error) => {
+                self.pending_acks().shown.remove(&pair);
+                return Err(error.into());
+            }
+        };
         let ack_token = format!("{:032x}", rand::random::<u128>());
-        self.pending_acks().insert(
+        self.pending_acks().by_token.insert(
             ack_token.clone(),
             PendingAck {
                 stream_id,
@@ -398,9 +461,10 @@ impl<T: Transport> Hub<T> {
         reject: bool,
         reason: &str,
     ) -> Result<(), HubError> {
+        let store = &self.inner.store;
         let pending = {
             let mut pending_acks = self.pending_acks();
-            match pending_acks.get(ack_token) {
+            match pending_acks.by_token.get(ack_token) {
                 None => {
                     return Err(HubError::FailedPrecondition(format!(
                         "ack_token `{}` is unknown or its stream has closed; the delivery will be redelivered",
@@ -412,12 +476,18 @@ impl<T: Transport> Hub<T> {
                         "ack_token: agency {caller} may settle only its own deliveries"
                     )));
                 }
-                Some(_) => pending_acks
-                    .remove(ack_token)
-                    .expect("present under the lock"),
+                Some(pending) => {
+                    if !reject {
+                        // Recorded before the pair leaves the pending set, so that a copy being
+                        // prepared meanwhile finds one or the other.
+                        store.mark_acknowledged(&pending.message, now_unix_ms())?;
+                    }
+                    pending_acks
+                        .remove(ack_token)
+                        .expect("present under the lock")
+                }
             }
         };
-        let store = &self.inner.store;
         let count = |event| {
             if pending.message.document_id.is_some() {
                 self.inner
@@ -427,7 +497,6 @@ impl<T: Transport> Hub<T> {
         };
         if !reject {
             count(DocumentEvent::Acknowledged);
-            store.mark_acknowledged(&pending.message, now_unix_ms())?;
             store.durable().await?;
             if let Err(error) = pending.acker.ack().await {
                 // The acknowledgement is on disk: a redelivery will be recognised and dropped.
@@ -583,7 +652,7 @@ impl<T: Transport> Hub<T> {
         })
     }
 
-    fn pending_acks(&self) -> MutexGuard<'_, HashMap<String, PendingAck<AckerOf<T>>>> {
+    fn pending_acks(&self) -> MutexGuard<'_, PendingAcks<AckerOf<T>>> {
         // Every update of the map is a single insert, remove or retain, so it stays consistent
         // even if a holder panicked.
         self.inner

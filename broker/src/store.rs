@@ -478,16 +478,12 @@ impl Store {
                 &[],
             )?
             .is_some();
-        if let Some(document_id) = &message.document_id {
-            self.append_receipt(
-                inner.db.generate_id()?,
-                document_id,
-                message.recipient.as_str(),
-                ReceiptKind::Delivered,
-                now_unix_ms,
-                ReceiptDetail::default(),
-            )?;
-        }
+        self.append_document_receipt(
+            message,
+            ReceiptKind::Delivered,
+            now_unix_ms,
+            ReceiptDetail::default(),
+        )?;
         Ok(shown_before)
     }
 
@@ -502,17 +498,12 @@ impl Store {
             pair_key(&message.message_id, message.recipient.as_str()),
             &[],
         )?;
-        if let Some(document_id) = &message.document_id {
-            self.append_receipt(
-                inner.db.generate_id()?,
-                document_id,
-                message.recipient.as_str(),
-                ReceiptKind::Acknowledged,
-                now_unix_ms,
-                ReceiptDetail::default(),
-            )?;
-        }
-        Ok(())
+        self.append_document_receipt(
+            message,
+            ReceiptKind::Acknowledged,
+            now_unix_ms,
+            ReceiptDetail::default(),
+        )
     }
 
     /// Counts one more rejection of a message by its recipient; returns the count so far.
@@ -558,6 +549,26 @@ impl Store {
         reason: &str,
         now_unix_ms: i64,
     ) -> Result<(), StoreError> {
+        self.append_document_receipt(
+            message,
+            kind,
+            now_unix_ms,
+            ReceiptDetail {
+                detail: reason,
+                ..ReceiptDetail::default()
+            },
+        )
+    }
+
+    /// Writes a receipt about `message` for its recipient, if the message is a document
+    /// (status reports get no per-delivery receipts).
+    fn append_document_receipt(
+        &self,
+        message: &MessageRef,
+        kind: ReceiptKind,
+        now_unix_ms: i64,
+        detail: ReceiptDetail<'_>,
+    ) -> Result<(), StoreError> {
         if let Some(document_id) = &message.document_id {
             self.append_receipt(
                 self.inner.db.generate_id()?,
@@ -565,10 +576,7 @@ impl Store {
                 message.recipient.as_str(),
                 kind,
                 now_unix_ms,
-                ReceiptDetail {
-                    detail: reason,
-                    ..ReceiptDetail::default()
-                },
+                detail,
             )?;
         }
         Ok(())

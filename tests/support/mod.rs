@@ -325,6 +325,12 @@ impl HubProcess {
             .expect("connect to the hub process")
     }
 
+    /// SIGKILL, then a new process on the same files and port.
+    pub async fn restart(&mut self, files: &HubFiles, options: &HubOptions) {
+        self.child.kill().await.expect("kill the hub");
+        *self = HubProcess::start(files, options).await;
+    }
+
     /// SIGKILL: no chance to flush or close anything.
     pub async fn kill(mut self) {
         self.child.kill().await.expect("kill the hub");
