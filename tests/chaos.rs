@@ -197,12 +197,15 @@ mod faults {
             };
             let mut stream = response.into_inner();
             loop {
-                if finished_at.is_none() && shared.all_accounted_for(&behaviour) {
+                if finished_at.is_none()
+                    && shared.all_accounted_for(&behaviour)
+                    && unknown_acks_recorded(&mut client, &shared).await
+                {
                     finished_at = Some(tokio::time::Instant::now());
                 }
-                // Listen a while longer: for copies shown again after an ack (counted as
-                // duplicates), and for redeliveries of documents whose ack's answer was lost.
-                if finished_at.is_some_and(|at| at.elapsed() > Duration::from_secs(3)) {
+                // Listen a while longer, for copies shown again after an ack (counted as
+                // duplicates).
+                if finished_at.is_some_and(|at| at.elapsed() > Duration::from_secs(2)) {
                     break 'connection;
                 }
                 let tally = shared.tally();
@@ -278,6 +281,26 @@ mod faults {
             }
         }
         while acks.join_next().await.is_some() {}
+    }
+
+    /// Whether the hub recorded every ack whose answer the client lost. One it did not record
+    /// is still unsettled on the queue and comes again, so the receiver keeps listening.
+    async fn unknown_acks_recorded(client: &mut ExchangeClient, shared: &Shared) -> bool {
+        let unknown: Vec<String> = shared.tally().ack_unknown.iter().cloned().collect();
+        for id in unknown {
+            let Ok(trace) = client
+                .track(wire::TrackRequest {
+                    document_id: id.clone(),
+                })
+                .await
+            else {
+                return false;
+            };
+            if trace.into_inner().recipients[0].state() != wire::DeliveryState::Acknowledged {
+                return false;
+            }
+        }
+        true
     }
 
     /// Counts, prints the scenario's line, and checks it.
