@@ -208,15 +208,34 @@ mod faults {
                 if finished_at.is_some_and(|at| at.elapsed() > Duration::from_secs(2)) {
                     break 'connection;
                 }
-                let tally = shared.tally();
-                assert!(
-                    start.elapsed() < deadline,
-                    "not done after {deadline:?}: sent {}, accepted {}, acknowledged {}",
-                    tally.sent,
-                    tally.accepted.len(),
-                    tally.acknowledged.len()
-                );
-                drop(tally);
+                if start.elapsed() >= deadline {
+                    let missing: Vec<String> = {
+                        let tally = shared.tally();
+                        tally
+                            .accepted
+                            .difference(&tally.acknowledged)
+                            .cloned()
+                            .collect()
+                    };
+                    let mut states = Vec::new();
+                    for id in missing.iter().take(5) {
+                        let state = client
+                            .track(wire::TrackRequest {
+                                document_id: id.clone(),
+                            })
+                            .await
+                            .map(|t| format!("{:?}", t.into_inner().recipients[0].state()));
+                        states.push(format!("{id}: {state:?}"));
+                    }
+                    let tally = shared.tally();
+                    panic!(
+                        "not done after {deadline:?}: sent {}, accepted {}, acknowledged {}, ack answer lost {}; not acknowledged: {states:?}",
+                        tally.sent,
+                        tally.accepted.len(),
+                        tally.acknowledged.len(),
+                        tally.ack_unknown.len()
+                    );
+                }
                 let delivery = match tokio::time::timeout(
                     Duration::from_millis(300),
                     stream.message(),

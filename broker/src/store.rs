@@ -493,17 +493,31 @@ impl Store {
         message: &MessageRef,
         now_unix_ms: i64,
     ) -> Result<(), StoreError> {
+        // The settled mark and the ACKNOWLEDGED receipt go to disk together: a mark without its
+        // receipt would drop every redelivery while `Track` still showed the document pending.
         let inner = &*self.inner;
-        inner.settled.insert(
-            pair_key(&message.message_id, message.recipient.as_str()),
-            &[],
-        )?;
-        self.append_document_receipt(
-            message,
-            ReceiptKind::Acknowledged,
-            now_unix_ms,
-            ReceiptDetail::default(),
-        )
+        let pair = pair_key(&message.message_id, message.recipient.as_str());
+        let receipt = match &message.document_id {
+            Some(document_id) => Some(self.new_receipt(
+                inner.db.generate_id()?,
+                document_id,
+                message.recipient.as_str(),
+                ReceiptKind::Acknowledged,
+                now_unix_ms,
+                ReceiptDetail::default(),
+            )),
+            None => None,
+        };
+        let result = (&inner.settled, &inner.receipts, &inner.receipts_by_document).transaction(
+            |(settled, receipts, by_document)| {
+                settled.insert(pair.as_slice(), &[])?;
+                if let Some(receipt) = &receipt {
+                    insert_receipt(receipts, by_document, receipt)?;
+                }
+                Ok(())
+            },
+        );
+        unwrap_transaction(result)
     }
 
     /// Counts one more rejection of a message by its recipient; returns the count so far.
