@@ -62,6 +62,16 @@ mod faults {
         ack_unknown: HashSet<String>,
     }
 
+    impl Tally {
+        /// Accepted documents the client has not seen acknowledged.
+        fn unacknowledged(&self) -> Vec<String> {
+            self.accepted
+                .difference(&self.acknowledged)
+                .cloned()
+                .collect()
+        }
+    }
+
     #[derive(Debug, Clone, Default)]
     struct Shared {
         tally: Arc<Mutex<Tally>>,
@@ -209,14 +219,7 @@ mod faults {
                     break 'connection;
                 }
                 if start.elapsed() >= deadline {
-                    let missing: Vec<String> = {
-                        let tally = shared.tally();
-                        tally
-                            .accepted
-                            .difference(&tally.acknowledged)
-                            .cloned()
-                            .collect()
-                    };
+                    let missing = shared.tally().unacknowledged();
                     let mut states = Vec::new();
                     for id in missing.iter().take(5) {
                         let state = client
@@ -348,14 +351,7 @@ mod faults {
         }
         let dead_lettered = kept().await;
         let mut commune = connect_retrying(endpoint, COMMUNE).await;
-        let unacknowledged: Vec<String> = {
-            let tally = shared.tally();
-            tally
-                .accepted
-                .difference(&tally.acknowledged)
-                .cloned()
-                .collect()
-        };
+        let unacknowledged = shared.tally().unacknowledged();
         // Lost: accepted, never shown to the recipient, and not dead-lettered. A document shown
         // but not acked from the client's side must be acknowledged (or dead-lettered) at the hub.
         let mut lost = 0;
