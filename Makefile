@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: run run-amqp test chaos bench fmt lint rabbitmq clean-test-queues
+.PHONY: run run-amqp test chaos bench fmt lint rabbitmq browser clean-test-queues
 
 ## Starts a hub on the embedded transport (no RabbitMQ needed), gRPC on 127.0.0.1:50051.
 run:
@@ -12,9 +12,10 @@ run:
 run-amqp: rabbitmq
 	$(CARGO) run --bin lienthong -- serve --config config/lienthong-amqp.toml
 
-## The whole suite against a real RabbitMQ: unit, conformance, end-to-end and process tests,
-## then the chaos suite (short scale) alone, because some of its scenarios restart RabbitMQ.
-test: rabbitmq
+## The whole suite against a real RabbitMQ (and headless Chromium for the status page): unit,
+## conformance, end-to-end, operators', traces and process tests, then the chaos suite (short
+## scale) alone, because some of its scenarios restart RabbitMQ.
+test: rabbitmq browser
 	$(CARGO) test --workspace --all-targets -- --skip faults::
 	$(CARGO) test --workspace --test chaos -- --test-threads=1
 
@@ -38,6 +39,10 @@ lint:
 ## Makes sure RabbitMQ runs on 127.0.0.1:5672: installs and starts it when needed.
 rabbitmq:
 	@.ci/ensure-rabbitmq
+
+## Makes sure headless Chromium is installed (the status page test loads the page in it).
+browser:
+	@.ci/ensure-chromium
 
 ## Deletes queues left by interrupted test runs (names start with lt-test-).
 clean-test-queues:

@@ -102,6 +102,7 @@ async fn publish<T: Transport>(transport: &T, to: &str, payload: &str) {
             routing_key: to,
             message_id: payload,
             payload: payload.as_bytes(),
+            traceparent: "",
         })
         .await
         .expect("publish confirmed");
@@ -154,6 +155,7 @@ async fn unroutable_publishes_fail<T: Transport>(transport: &T) {
             routing_key: STRANGER_CODE,
             message_id: "nowhere",
             payload: b"nowhere",
+            traceparent: "",
         })
         .await
         .expect_err("no queue is bound to a stranger's code");

@@ -506,6 +506,7 @@ async fn a_duplicate_of_an_acknowledged_document_is_never_shown() {
         message_id: document_id.clone(),
         recipient: DISTRICT.into(),
         payload: Some(wire::queued_message::Payload::Document(sent)),
+        ..Default::default()
     };
     let connection =
         lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
@@ -666,6 +667,7 @@ async fn a_document_rejected_past_the_delivery_limit_is_dead_lettered<K: Into<Ki
         .replay_dead_letters(wire::ReplayDeadLettersRequest {
             agency: DISTRICT.into(),
             document_ids: vec![poison.clone()],
+            limit: 0,
         })
         .await
         .expect("replay")
@@ -933,6 +935,7 @@ async fn operators_list_queues_and_others_may_not<K: Into<Kind>>(kind: K) {
         .replay_dead_letters(wire::ReplayDeadLettersRequest {
             agency: COMMUNE_2.into(),
             document_ids: vec![],
+            limit: 0,
         })
         .await
         .expect_err("not an operator");
@@ -996,22 +999,6 @@ impl From<TransportKind> for Kind {
     fn from(kind: TransportKind) -> Self {
         Kind(kind)
     }
-}
-
-macro_rules! on_both_transports {
-    ($name:ident) => {
-        mod $name {
-            #[tokio::test]
-            async fn amqp() {
-                super::$name(super::TransportKind::Amqp).await;
-            }
-
-            #[tokio::test]
-            async fn embedded() {
-                super::$name(super::TransportKind::Embedded).await;
-            }
-        }
-    };
 }
 
 on_both_transports!(send_receive_ack_track);

@@ -1,7 +1,8 @@
-//! The operators' use cases: queue statistics, dead letters and their replay. Only identities
-//! listed in `[access] operators` may call them.
+//! The operators' use cases: queue statistics, dead letters and their replay, reloading the
+//! agency directory. Only identities listed in `[access] operators` may call them.
 
 use crate::agency::AgencyCode;
+use crate::directory::AgencyDirectory;
 use crate::error::HubError;
 use crate::hub::{Hub, now_unix_ms};
 use crate::transport::Transport;
@@ -28,10 +29,12 @@ impl<T: Transport> Hub<T> {
     ) -> Result<wire::ListQueuesResponse, HubError> {
         self.require_operator(caller, "ListQueues")?;
         let kept = self.store().dead_letters(None, usize::MAX)?;
-        let mut queues = Vec::with_capacity(self.directory().len());
+        let directory = self.directory();
+        let mut queues = Vec::with_capacity(directory.len());
         let names = crate::transport::TopologyNames::new(self.config().transport.prefix());
         let mut transport_error = String::new();
-        for agency in self.directory().codes() {
+        let now = now_unix_ms();
+        for agency in directory.codes() {
             let depth = if transport_error.is_empty() {
                 match self.transport().queue_depth(agency).await {
                     Ok(depth) => depth,
@@ -43,6 +46,13 @@ impl<T: Transport> Hub<T> {
             } else {
                 Default::default()
             };
+            let oldest = self
+                .store()
+                .oldest_waiting(agency.as_str())?
+                .into_iter()
+                .flatten()
+                .min();
+            let rates = self.activity().rates(agency.as_str());
             queues.push(wire::QueueStats {
                 agency: agency.to_string(),
                 queue: names.agency_queue(agency),
@@ -53,6 +63,9 @@ impl<T: Transport> Hub<T> {
                     .iter()
                     .filter(|(_, d)| d.recipient == agency.as_str())
                     .count() as u64,
+                oldest_message_age_ms: oldest.map_or(0, |at| (now - at).max(0)),
+                in_per_second: rates.in_per_second,
+                out_per_second: rates.out_per_second,
             });
         }
         Ok(wire::ListQueuesResponse {
@@ -93,12 +106,14 @@ impl<T: Transport> Hub<T> {
             .collect())
     }
 
-    /// Sends dead letters back to their recipients: one agency's, some documents', or both.
+    /// Sends dead letters back to their recipients: one agency's, some documents', or both;
+    /// at most `limit` of them (all when 0), oldest first.
     pub async fn replay_dead_letters(
         &self,
         caller: &AgencyCode,
         agency: &str,
         document_ids: &[String],
+        limit: u32,
     ) -> Result<wire::ReplayDeadLettersResponse, HubError> {
         self.require_operator(caller, "ReplayDeadLetters")?;
         let agency = parse_optional_agency(agency)?;
@@ -108,22 +123,47 @@ impl<T: Transport> Hub<T> {
                 "name an agency or document_ids to say which dead letters to replay",
             ));
         }
-        let chosen: Vec<u64> = self
+        let mut chosen: Vec<u64> = self
             .store()
             .dead_letters(agency.as_ref().map(AgencyCode::as_str), usize::MAX)?
             .into_iter()
             .filter(|(_, d)| document_ids.is_empty() || document_ids.contains(&d.document_id))
             .map(|(id, _)| id)
             .collect();
+        let remaining = if limit > 0 && chosen.len() > limit as usize {
+            chosen.split_off(limit as usize).len() as u64
+        } else {
+            0
+        };
         let (replayed, receipts) =
             self.store()
                 .replay_dead_letters(&chosen, caller.as_str(), now_unix_ms())?;
         self.store().durable().await?;
         self.wake_publisher();
-        tracing::info!(operator = %caller, replayed, "dead letters replayed");
+        tracing::info!(operator = %caller, replayed, remaining, "dead letters replayed");
         Ok(wire::ReplayDeadLettersResponse {
             replayed: u32::try_from(replayed).unwrap_or(u32::MAX),
             receipts,
+            remaining,
+        })
+    }
+
+    /// Reads the directory file named by the configuration again and installs it.
+    pub async fn reload_directory(
+        &self,
+        caller: &AgencyCode,
+    ) -> Result<wire::ReloadDirectoryResponse, HubError> {
+        self.require_operator(caller, "ReloadDirectory")?;
+        let directory = AgencyDirectory::load(&self.config().directory_file).map_err(|e| {
+            HubError::FailedPrecondition(format!("{e}; the directory in use is unchanged"))
+        })?;
+        let agencies = u32::try_from(directory.len()).unwrap_or(u32::MAX);
+        let (added, removed) = self.install_directory(directory).await?;
+        tracing::info!(operator = %caller, agencies, added = added.len(), removed = removed.len(), "agency directory reloaded");
+        Ok(wire::ReloadDirectoryResponse {
+            agencies,
+            added: added.iter().map(ToString::to_string).collect(),
+            removed: removed.iter().map(ToString::to_string).collect(),
         })
     }
 }

@@ -44,6 +44,18 @@ pub enum Command {
     /// Operators: list or replay the dead letters the hub keeps.
     #[command(subcommand)]
     DeadLetters(DeadLettersCommand),
+    /// Operators: the agency directory.
+    #[command(subcommand)]
+    Directory(DirectoryCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DirectoryCommand {
+    /// Makes the hub read its directory file again, without dropping open streams.
+    Reload {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -80,6 +92,9 @@ pub enum DeadLettersCommand {
         /// Replay the dead letters of this document; repeat for several.
         #[arg(long = "document")]
         documents: Vec<String>,
+        /// Dead letters replayed per request; progress is printed after each.
+        #[arg(long, default_value_t = 500)]
+        step: u32,
     },
 }
 
@@ -168,6 +183,10 @@ pub struct TrackArgs {
 
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> ExitCode {
+    if !matches!(cli.command, Command::Serve { .. }) {
+        // Client commands log in text; failing to install the subscriber only loses log lines.
+        let _ = crate::telemetry::init(crate::telemetry::LogFormat::Text, None);
+    }
     let result = match cli.command {
         Command::Serve { config } => return serve(config).await,
         Command::Send(args) => send(args).await,
@@ -176,6 +195,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Track(args) => track(args).await,
         Command::Queues(args) => queues(args).await,
         Command::DeadLetters(command) => dead_letters(command).await,
+        Command::Directory(DirectoryCommand::Reload { client }) => reload_directory(client).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -194,6 +214,15 @@ async fn serve(config_path: PathBuf) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let telemetry = &config.telemetry;
+    let _telemetry =
+        match crate::telemetry::init(telemetry.log_format, telemetry.otlp_endpoint.as_deref()) {
+            Ok(guard) => guard,
+            Err(error) => {
+                eprintln!("lienthong: [telemetry]: {error:#}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
     let listeners = match crate::server::Listeners::bind(&config).await {
         Ok(listeners) => listeners,
         Err(error) => {
@@ -398,13 +427,20 @@ async fn queues(args: QueuesArgs) -> anyhow::Result<()> {
 /// The queues as a table a person reads.
 pub fn queues_table(response: &wire::ListQueuesResponse) -> String {
     let mut table = format!(
-        "{:<15} {:>8} {:>8} {:>9} {:>12}\n",
-        "AGENCY", "READY", "UNACKED", "CONSUMERS", "DEAD LETTERS"
+        "{:<15} {:>8} {:>8} {:>9} {:>12} {:>10} {:>8} {:>8}\n",
+        "AGENCY", "READY", "UNACKED", "CONSUMERS", "DEAD LETTERS", "OLDEST", "IN/s", "OUT/s"
     );
     for queue in &response.queues {
         table.push_str(&format!(
-            "{:<15} {:>8} {:>8} {:>9} {:>12}\n",
-            queue.agency, queue.ready, queue.unacknowledged, queue.consumers, queue.dead_letters
+            "{:<15} {:>8} {:>8} {:>9} {:>12} {:>10} {:>8.1} {:>8.1}\n",
+            queue.agency,
+            queue.ready,
+            queue.unacknowledged,
+            queue.consumers,
+            queue.dead_letters,
+            human_age(queue.oldest_message_age_ms),
+            queue.in_per_second,
+            queue.out_per_second,
         ));
     }
     table.push_str(&format!(
@@ -420,24 +456,44 @@ pub fn queues_table(response: &wire::ListQueuesResponse) -> String {
     table
 }
 
+/// An age in the largest unit that keeps it short: `-` for none, `42s`, `17m`, `5h`, `3d`.
+pub fn human_age(ms: i64) -> String {
+    let seconds = ms / 1000;
+    match seconds {
+        _ if ms <= 0 => "-".to_owned(),
+        0..60 => format!("{seconds}s"),
+        60..3600 => format!("{}m", seconds / 60),
+        3600..86_400 => format!("{}h", seconds / 3600),
+        _ => format!("{}d", seconds / 86_400),
+    }
+}
+
 /// The queues as one JSON object.
 pub fn queues_json(response: &wire::ListQueuesResponse) -> String {
-    let queues: Vec<String> = response
+    let queues: Vec<serde_json::Value> = response
         .queues
         .iter()
         .map(|q| {
-            format!(
-                r#"{{"agency":"{}","queue":"{}","ready":{},"unacknowledged":{},"consumers":{},"dead_letters":{}}}"#,
-                q.agency, q.queue, q.ready, q.unacknowledged, q.consumers, q.dead_letters
-            )
+            serde_json::json!({
+                "agency": q.agency,
+                "queue": q.queue,
+                "ready": q.ready,
+                "unacknowledged": q.unacknowledged,
+                "consumers": q.consumers,
+                "dead_letters": q.dead_letters,
+                "oldest_message_age_ms": q.oldest_message_age_ms,
+                "in_per_second": q.in_per_second,
+                "out_per_second": q.out_per_second,
+            })
         })
         .collect();
-    format!(
-        r#"{{"outbox_depth":{},"dead_letters":{},"queues":[{}]}}"#,
-        response.outbox_depth,
-        response.dead_letters,
-        queues.join(",")
-    )
+    serde_json::json!({
+        "outbox_depth": response.outbox_depth,
+        "dead_letters": response.dead_letters,
+        "transport_error": response.transport_error,
+        "queues": queues,
+    })
+    .to_string()
 }
 
 async fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<()> {
@@ -473,22 +529,51 @@ async fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<()> {
             client,
             recipient,
             documents,
+            step,
         } => {
             let mut admin = crate::client::connect_admin(&client.endpoint, &client.agency).await?;
-            let response = admin
-                .replay_dead_letters(wire::ReplayDeadLettersRequest {
-                    agency: recipient,
-                    document_ids: documents,
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            for receipt in &response.receipts {
-                println!("{}", describe_receipt(receipt));
+            let mut replayed = 0u64;
+            loop {
+                let response = admin
+                    .replay_dead_letters(wire::ReplayDeadLettersRequest {
+                        agency: recipient.clone(),
+                        document_ids: documents.clone(),
+                        limit: step.max(1),
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                for receipt in &response.receipts {
+                    println!("{}", describe_receipt(receipt));
+                }
+                replayed += u64::from(response.replayed);
+                let total = replayed + response.remaining;
+                eprintln!("replayed {replayed} of {total}");
+                // Stop when done, or when a step replays nothing (another operator took them).
+                if response.remaining == 0 || response.replayed == 0 {
+                    break;
+                }
             }
-            println!("replayed {}", response.replayed);
+            println!("replayed {replayed}");
         }
     }
+    Ok(())
+}
+
+async fn reload_directory(client: ClientArgs) -> anyhow::Result<()> {
+    let mut admin = crate::client::connect_admin(&client.endpoint, &client.agency).await?;
+    let response = admin
+        .reload_directory(wire::ReloadDirectoryRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    for agency in &response.added {
+        println!("added {agency}");
+    }
+    for agency in &response.removed {
+        println!("removed {agency}");
+    }
+    println!("directory reloaded: {} agencies", response.agencies);
     Ok(())
 }
 

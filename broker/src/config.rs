@@ -4,6 +4,7 @@
 //! naming the key, and the binary exits with code 64 on it.
 
 use crate::agency::AgencyCode;
+pub use crate::telemetry::LogFormat;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,17 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     /// Identities (agency codes) allowed to use the `Admin` service.
     pub operators: Vec<AgencyCode>,
+    pub telemetry: TelemetryConfig,
+}
+
+/// Logs, traces and the sampling behind the status page and queue rates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TelemetryConfig {
+    pub log_format: LogFormat,
+    /// OTLP/gRPC collector for traces (`http://host:4317`); no traces when unset.
+    pub otlp_endpoint: Option<String>,
+    /// How often queue depths and flows are sampled (status page, rates, age gauges).
+    pub sample_interval: Duration,
 }
 
 /// Which transport carries documents between the outbox and recipients' streams.
@@ -116,6 +128,26 @@ struct ConfigToml {
     delivery: DeliveryToml,
     #[serde(default)]
     access: AccessToml,
+    #[serde(default)]
+    telemetry: TelemetryToml,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct TelemetryToml {
+    log_format: String,
+    otlp_endpoint: String,
+    sample_interval_ms: u64,
+}
+
+impl Default for TelemetryToml {
+    fn default() -> Self {
+        TelemetryToml {
+            log_format: "text".into(),
+            otlp_endpoint: String::new(),
+            sample_interval_ms: 10_000,
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -291,6 +323,12 @@ impl Config {
                     retry_backoff_max_ms,
                 },
             access: AccessToml { operators },
+            telemetry:
+                TelemetryToml {
+                    log_format,
+                    otlp_endpoint,
+                    sample_interval_ms,
+                },
         } = parsed;
 
         let hub_code = code.parse().map_err(|e| format!("[hub] code: {e}"))?;
@@ -338,6 +376,26 @@ impl Config {
                 "[delivery] queue_delivery_limit: {queue_delivery_limit} must be greater than delivery_limit ({delivery_limit})"
             ));
         }
+        let log_format = match log_format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(format!(
+                    "[telemetry] log_format: `{other}` is neither \"text\" nor \"json\""
+                ));
+            }
+        };
+        if !(otlp_endpoint.is_empty()
+            || otlp_endpoint.starts_with("http://")
+            || otlp_endpoint.starts_with("https://"))
+        {
+            return Err(format!(
+                "[telemetry] otlp_endpoint: `{otlp_endpoint}` must start with http:// or https://"
+            ));
+        }
+        if sample_interval_ms < 100 {
+            return Err("[telemetry] sample_interval_ms: must be at least 100".into());
+        }
         let operators = operators
             .iter()
             .enumerate()
@@ -366,6 +424,11 @@ impl Config {
                 shutdown_grace: Duration::from_millis(shutdown_grace_ms),
                 retry_backoff_base: Duration::from_millis(retry_backoff_base_ms),
                 retry_backoff_max: Duration::from_millis(retry_backoff_max_ms),
+            },
+            telemetry: TelemetryConfig {
+                log_format,
+                otlp_endpoint: Some(otlp_endpoint).filter(|e| !e.is_empty()),
+                sample_interval: Duration::from_millis(sample_interval_ms),
             },
         })
     }

@@ -27,7 +27,7 @@ impl Urgency {
         (priority <= 4).then_some(Urgency(priority as u8))
     }
 
-    pub fn value(self) -> u8 {
+    pub const fn value(self) -> u8 {
         self.0
     }
 }

@@ -156,11 +156,20 @@ impl<T: Transport> lienthong_proto::v1::admin_server::Admin for AdminService<T> 
         let wire::ReplayDeadLettersRequest {
             agency,
             document_ids,
+            limit,
         } = request.into_inner();
         Ok(Response::new(
             self.hub
-                .replay_dead_letters(&caller, &agency, &document_ids)
+                .replay_dead_letters(&caller, &agency, &document_ids, limit)
                 .await?,
         ))
+    }
+
+    async fn reload_directory(
+        &self,
+        request: Request<wire::ReloadDirectoryRequest>,
+    ) -> Result<Response<wire::ReloadDirectoryResponse>, Status> {
+        let caller = caller_identity(&request)?;
+        Ok(Response::new(self.hub.reload_directory(&caller).await?))
     }
 }

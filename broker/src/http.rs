@@ -1,6 +1,9 @@
 //! The operators' HTTP endpoint on `[server] http_listen`: `/healthz` (the process answers),
-//! `/readyz` (it can do its work: transport connected, database open) and `/metrics`
-//! (Prometheus text format).
+//! `/readyz` (it can do its work: transport connected, database open), `/metrics`
+//! (Prometheus text format), and the status page: `/` (HTML) over `/api/status` (JSON).
+//!
+//! The status page shows agency codes, document ids and dead-letter reasons: bind
+//! `http_listen` to an address only operators reach.
 
 use crate::hub::Hub;
 use crate::metrics::Snapshot;
@@ -17,7 +20,88 @@ pub fn router<T: Transport>(hub: Hub<T>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz::<T>))
         .route("/metrics", get(metrics::<T>))
+        .route("/", get(status_page))
+        .route("/api/status", get(status_json::<T>))
         .with_state(hub)
+}
+
+/// Dead letters and receipts listed on the status page.
+const STATUS_PAGE_ROWS: usize = 20;
+
+async fn status_page() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("status_page.html"),
+    )
+}
+
+async fn status_json<T: Transport>(State(hub): State<Hub<T>>) -> axum::response::Response {
+    match status_document(&hub) {
+        Ok(body) => (
+            [
+                (header::CONTENT_TYPE, "application/json"),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
+            body.to_string(),
+        )
+            .into_response(),
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")).into_response(),
+    }
+}
+
+/// What the status page shows, as JSON: the sampled history, each queue at the last sample,
+/// the newest dead letters and receipts.
+fn status_document<T: Transport>(
+    hub: &Hub<T>,
+) -> Result<serde_json::Value, crate::store::StoreError> {
+    let store = hub.store();
+    let (queues, transport_error) = hub.activity().queues();
+    let dead_letter_count = store.dead_letter_count();
+    let skip = usize::try_from(dead_letter_count)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(STATUS_PAGE_ROWS);
+    let dead_letters: Vec<serde_json::Value> = store
+        .dead_letters(None, usize::MAX)?
+        .into_iter()
+        .skip(skip)
+        .rev()
+        .map(|(id, dead)| {
+            serde_json::json!({
+                "id": id,
+                "message_id": dead.message_id,
+                "recipient": dead.recipient,
+                "document_id": dead.document_id,
+                "reason": dead.reason,
+                "dead_lettered_at_unix_ms": dead.dead_lettered_at_unix_ms,
+            })
+        })
+        .collect();
+    let receipts: Vec<serde_json::Value> = store
+        .newest_receipts(STATUS_PAGE_ROWS)?
+        .into_iter()
+        .map(|receipt| {
+            serde_json::json!({
+                "seq": receipt.seq,
+                "kind": receipt.kind().as_str_name().trim_start_matches("RECEIPT_KIND_"),
+                "agency": receipt.agency,
+                "document_id": receipt.document_id,
+                "at_unix_ms": receipt.at_unix_ms,
+                "status_code": receipt.status_code,
+            })
+        })
+        .collect();
+    Ok(serde_json::json!({
+        "hub": hub.config().hub_code.as_str(),
+        "now_unix_ms": crate::hub::now_unix_ms(),
+        "transport_connected": hub.transport().is_ready(),
+        "transport_error": transport_error,
+        "outbox_depth": store.outbox_len(),
+        "dead_letter_count": dead_letter_count,
+        "samples": hub.activity().samples(),
+        "queues": queues,
+        "dead_letters": dead_letters,
+        "receipts": receipts,
+    }))
 }
 
 async fn readyz<T: Transport>(State(hub): State<Hub<T>>) -> impl IntoResponse {

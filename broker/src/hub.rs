@@ -17,10 +17,11 @@ use futures_util::FutureExt;
 use lienthong_proto::v1 as wire;
 use prost::Message;
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Longest status description accepted, in bytes.
 const MAX_STATUS_DESCRIPTION_BYTES: usize = 4096;
@@ -46,9 +47,11 @@ struct HubInner<T: Transport> {
     config: Config,
     store: Store,
     transport: T,
-    directory: AgencyDirectory,
+    /// Replaced whole by `reload_directory`; readers take the current one.
+    directory: RwLock<Arc<AgencyDirectory>>,
     outbox_wakeup: Notify,
     metrics: Metrics,
+    activity: crate::activity::Activity,
     pending_acks: Mutex<PendingAcks<AckerOf<T>>>,
 }
 
@@ -59,6 +62,8 @@ struct PendingAck<A> {
     message: MessageRef,
     /// The document's urgency, for metrics.
     urgency: u8,
+    /// The `deliver` span's context, parent of the `ack` span.
+    traceparent: String,
     acker: A,
 }
 
@@ -118,9 +123,10 @@ impl<T: Transport> Hub<T> {
                 config,
                 store,
                 transport,
-                directory,
+                directory: RwLock::new(Arc::new(directory)),
                 outbox_wakeup: Notify::new(),
                 metrics: Metrics::new(),
+                activity: crate::activity::Activity::default(),
                 pending_acks: Mutex::new(PendingAcks::default()),
             }),
         }
@@ -142,8 +148,44 @@ impl<T: Transport> Hub<T> {
         &self.inner.metrics
     }
 
-    pub fn directory(&self) -> &AgencyDirectory {
-        &self.inner.directory
+    /// The agency directory as it is now (a reload replaces it; this copy stays valid).
+    pub fn directory(&self) -> Arc<AgencyDirectory> {
+        self.inner
+            .directory
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Installs a new directory, after declaring the queues of the agencies it adds. Open
+    /// streams go on; agencies it drops can no longer send or be sent to, and their queues
+    /// keep what waits in them until the agency returns. Returns (added, removed) codes.
+    pub async fn install_directory(
+        &self,
+        directory: AgencyDirectory,
+    ) -> Result<(Vec<AgencyCode>, Vec<AgencyCode>), HubError> {
+        let current = self.directory();
+        let added: Vec<AgencyCode> = directory
+            .codes()
+            .filter(|code| !current.contains(code))
+            .cloned()
+            .collect();
+        let removed: Vec<AgencyCode> = current
+            .codes()
+            .filter(|code| !directory.contains(code))
+            .cloned()
+            .collect();
+        self.inner.transport.add_queues(&added).await?;
+        *self
+            .inner
+            .directory
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(directory);
+        Ok((added, removed))
+    }
+
+    pub fn activity(&self) -> &crate::activity::Activity {
+        &self.inner.activity
     }
 
     /// Wakes the outbox publisher; it also polls on its own.
@@ -152,6 +194,7 @@ impl<T: Transport> Hub<T> {
     }
 
     /// Takes durable custody of a document sent by `caller`.
+    #[tracing::instrument(name = "send", skip_all, fields(from = %caller, document_id))]
     pub async fn send(
         &self,
         caller: &AgencyCode,
@@ -172,14 +215,15 @@ impl<T: Transport> Hub<T> {
                 document.from
             )));
         }
-        if !inner.directory.contains(&document.from) {
+        let directory = self.directory();
+        if !directory.contains(&document.from) {
             return Err(HubError::NotFound(format!(
                 "document.from: agency {} is not in the hub's directory",
                 document.from
             )));
         }
         for (index, recipient) in document.to.iter().enumerate() {
-            if !inner.directory.contains(recipient) {
+            if !directory.contains(recipient) {
                 return Err(HubError::NotFound(format!(
                     "document.to[{index}]: agency {recipient} is not in the hub's directory"
                 )));
@@ -199,7 +243,10 @@ impl<T: Transport> Hub<T> {
             hub: inner.config.hub_code.to_string(),
             at_unix_ms: now,
         });
-        let receipts = match inner.store.accept_document(&document, now)? {
+        let span = tracing::Span::current();
+        span.record("document_id", document.id.as_str());
+        let traceparent = crate::telemetry::traceparent_of(&span);
+        let receipts = match inner.store.accept_document(&document, &traceparent, now)? {
             Acceptance::Accepted(receipts) | Acceptance::AlreadyAccepted(receipts) => receipts,
             Acceptance::Conflict => {
                 return Err(HubError::AlreadyExists(format!(
@@ -232,7 +279,7 @@ impl<T: Transport> Hub<T> {
         caller: &AgencyCode,
         shutdown: CancellationToken,
     ) -> Result<mpsc::Receiver<Result<wire::Delivery, HubError>>, HubError> {
-        if !self.inner.directory.contains(caller) {
+        if !self.directory().contains(caller) {
             return Err(HubError::NotFound(format!(
                 "agency {caller} is not in the hub's directory"
             )));
@@ -402,6 +449,11 @@ impl<T: Transport> Hub<T> {
             let _ = inbound.acker.ack().await;
             return Ok(None);
         }
+        let span =
+            tracing::info_span!("deliver", message_id = %message.message_id, recipient = %caller);
+        crate::telemetry::set_parent(&span, &message.traceparent);
+        let traceparent = crate::telemetry::traceparent_of(&span);
+        let waiting_key = crate::store::waiting_key_of(&message);
         let (payload, document_id, urgency) = match message.payload {
             Some(wire::queued_message::Payload::Document(document)) => {
                 let id = document.document_id.clone();
@@ -427,6 +479,7 @@ impl<T: Transport> Hub<T> {
             message_id: message.message_id,
             recipient: caller.clone(),
             document_id,
+            waiting_key,
         };
         // Durable before it is shown: the caller flushes once per batch.
         let shown_before = match store.mark_delivered(&message_ref, now_unix_ms()) {
@@ -443,6 +496,7 @@ impl<T: Transport> Hub<T> {
                 stream_id,
                 message: message_ref,
                 urgency,
+                traceparent,
                 acker: inbound.acker,
             },
         );
@@ -488,6 +542,26 @@ impl<T: Transport> Hub<T> {
                 }
             }
         };
+        let span = tracing::info_span!(
+            "ack",
+            message_id = %pending.message.message_id,
+            recipient = %caller,
+            reject
+        );
+        crate::telemetry::set_parent(&span, &pending.traceparent);
+        self.settle(pending, reject, reason).instrument(span).await
+    }
+
+    /// Completes an `ack` once the delivery is out of the pending set (and, for an
+    /// acknowledgement, recorded): counts it, then acks, requeues or dead-letters it.
+    async fn settle(
+        &self,
+        pending: PendingAck<AckerOf<T>>,
+        reject: bool,
+        reason: &str,
+    ) -> Result<(), HubError> {
+        let store = &self.inner.store;
+        let caller = pending.message.recipient.clone();
         let count = |event| {
             if pending.message.document_id.is_some() {
                 self.inner
@@ -497,6 +571,7 @@ impl<T: Transport> Hub<T> {
         };
         if !reject {
             count(DocumentEvent::Acknowledged);
+            self.inner.activity.acknowledged(caller.as_str());
             store.durable().await?;
             if let Err(error) = pending.acker.ack().await {
                 // The acknowledgement is on disk: a redelivery will be recognised and dropped.

@@ -16,6 +16,7 @@
 //! - [`client`], [`cli`]: the client side, for people and tests.
 //! - [`config`], [`error`]: configuration and the errors callers see.
 
+pub mod activity;
 pub mod admin;
 pub mod agency;
 pub mod cli;
@@ -34,4 +35,5 @@ pub mod receipt;
 pub mod server;
 pub mod status;
 pub mod store;
+pub mod telemetry;
 pub mod transport;

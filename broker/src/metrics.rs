@@ -2,7 +2,8 @@
 //!
 //! Counters are labelled by event, urgency and the recipient's level (province, district,
 //! commune, unit), so that an operator can see, say, express documents to communes separately.
-//! Gauges that mirror state (outbox depth, connection, database size) are read at scrape time.
+//! Gauges that mirror state (outbox depth, connection, database size) are read at scrape time;
+//! queue depths, dead letters and waiting ages are set by each sample of [`crate::activity`].
 
 use crate::agency::AgencyLevel;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -36,6 +37,17 @@ impl DocumentEvent {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabels {
+    agency: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UrgencyLabels {
+    urgency: u8,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DocumentLabels {
     event: &'static str,
     urgency: u8,
@@ -53,6 +65,10 @@ pub struct Metrics {
     outbox_depth: Gauge,
     transport_connected: Gauge,
     database_bytes: Gauge,
+    queue_messages: Family<QueueLabels, Gauge>,
+    queue_consumers: Family<QueueLabels, Gauge>,
+    oldest_waiting_seconds: Family<UrgencyLabels, Gauge>,
+    dead_letters: Gauge,
 }
 
 /// State read at scrape time.
@@ -115,8 +131,36 @@ impl Metrics {
             "Size of the hub's sled database on disk",
             database_bytes.clone(),
         );
+        let queue_messages = Family::<QueueLabels, Gauge>::default();
+        registry.register(
+            "queue_messages",
+            "Messages in an agency's queue by state (ready, unacknowledged), at the last sample",
+            queue_messages.clone(),
+        );
+        let queue_consumers = Family::<QueueLabels, Gauge>::default();
+        registry.register(
+            "queue_consumers",
+            "Consumers (open Receive streams, on every hub) of an agency's queue, at the last sample",
+            queue_consumers.clone(),
+        );
+        let oldest_waiting_seconds = Family::<UrgencyLabels, Gauge>::default();
+        registry.register(
+            "oldest_waiting_age_seconds",
+            "Age of the oldest message accepted and not yet acknowledged, per urgency (0 normal .. 4 timed express); 0 when none waits",
+            oldest_waiting_seconds.clone(),
+        );
+        let dead_letters = Gauge::default();
+        registry.register(
+            "dead_letters",
+            "Dead letters kept by the hub, waiting for an operator",
+            dead_letters.clone(),
+        );
         Metrics {
             registry,
+            queue_messages,
+            queue_consumers,
+            oldest_waiting_seconds,
+            dead_letters,
             documents,
             send_seconds,
             publish_confirm_seconds,
@@ -147,6 +191,38 @@ impl Metrics {
 
     pub fn observe_end_to_end(&self, latency: Duration) {
         self.end_to_end_seconds.observe(latency.as_secs_f64());
+    }
+
+    /// Sets the gauges of queues, dead letters and waiting ages from one sample.
+    pub fn set_queue_gauges(
+        &self,
+        queues: &[crate::activity::QueueView],
+        sample: &crate::activity::Sample,
+    ) {
+        let gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+        for queue in queues {
+            let labels = |state| QueueLabels {
+                agency: queue.agency.clone(),
+                state,
+            };
+            self.queue_messages
+                .get_or_create(&labels("ready"))
+                .set(gauge(queue.ready));
+            self.queue_messages
+                .get_or_create(&labels("unacknowledged"))
+                .set(gauge(queue.unacknowledged));
+            self.queue_consumers
+                .get_or_create(&labels("consuming"))
+                .set(i64::from(queue.consumers));
+        }
+        for (urgency, age_ms) in sample.oldest_waiting_ms.iter().enumerate() {
+            self.oldest_waiting_seconds
+                .get_or_create(&UrgencyLabels {
+                    urgency: urgency as u8,
+                })
+                .set(age_ms.unwrap_or(0) / 1000);
+        }
+        self.dead_letters.set(gauge(sample.dead_letters));
     }
 
     /// The OpenMetrics text exposition, with the state gauges set from `snapshot`.

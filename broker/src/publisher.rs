@@ -5,6 +5,7 @@ use crate::hub::{Hub, now_unix_ms};
 use crate::transport::{OutboundMessage, Transport};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Messages published concurrently; their confirms are awaited together.
 const BATCH: usize = 128;
@@ -19,7 +20,7 @@ pub async fn run<T: Transport>(hub: Hub<T>, shutdown: CancellationToken) {
     let mut backoff = MIN_BACKOFF;
     loop {
         let store = hub.store();
-        let batch = match store.outbox_batch(BATCH) {
+        let mut batch = match store.outbox_batch(BATCH) {
             Ok(batch) => batch,
             Err(error) => {
                 tracing::error!(%error, "cannot read the outbox");
@@ -37,26 +38,44 @@ pub async fn run<T: Transport>(hub: Hub<T>, shutdown: CancellationToken) {
             }
             continue;
         }
-        let publishes = batch.iter().map(|pending| async {
-            let started = std::time::Instant::now();
-            let result = hub
-                .transport()
-                .publish(OutboundMessage {
-                    routing_key: &pending.recipient,
-                    message_id: &pending.message_id,
-                    payload: &pending.payload,
-                })
-                .await;
-            if result.is_ok() {
-                hub.metrics().observe_publish_confirm(started.elapsed());
-            }
-            result
-        });
+        let spans: Vec<(tracing::Span, String)> = batch
+            .iter_mut()
+            .map(|pending| {
+                let span = tracing::info_span!("publish", message_id = %pending.message_id, recipient = %pending.recipient);
+                crate::telemetry::set_parent(&span, &pending.traceparent);
+                let traceparent = crate::telemetry::traceparent_of(&span);
+                crate::telemetry::append_traceparent(&mut pending.payload, &traceparent);
+                (span, traceparent)
+            })
+            .collect();
+        let publishes = batch
+            .iter()
+            .zip(&spans)
+            .map(|(pending, (span, traceparent))| {
+                async {
+                    let started = std::time::Instant::now();
+                    let result = hub
+                        .transport()
+                        .publish(OutboundMessage {
+                            routing_key: &pending.recipient,
+                            message_id: &pending.message_id,
+                            payload: &pending.payload,
+                            traceparent,
+                        })
+                        .await;
+                    if result.is_ok() {
+                        hub.metrics().observe_publish_confirm(started.elapsed());
+                    }
+                    result
+                }
+                .instrument(span.clone())
+            });
         let results = futures_util::future::join_all(publishes).await;
         let mut first_failure = None;
         for (pending, result) in batch.iter().zip(results) {
             match result {
                 Ok(()) => {
+                    hub.activity().enqueued(&pending.recipient);
                     if let Err(error) = store.mark_enqueued(pending, now_unix_ms()) {
                         tracing::error!(%error, message_id = %pending.message_id, "cannot record a confirmed publish");
                     }

@@ -119,6 +119,11 @@ async fn serve<T: Transport>(
     let publisher = tokio::spawn(crate::publisher::run(hub.clone(), stop.child_token()));
     let dead_letter_keeper =
         tokio::spawn(crate::dead_letters::run(hub.clone(), stop.child_token()));
+    let sampler = tokio::spawn(crate::activity::run(
+        hub.clone(),
+        hub.config().telemetry.sample_interval,
+        stop.child_token(),
+    ));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -185,6 +190,7 @@ async fn serve<T: Transport>(
     }
     let _ = tokio::time::timeout(grace, http).await;
     let _ = tokio::time::timeout(grace, dead_letter_keeper).await;
+    let _ = tokio::time::timeout(grace, sampler).await;
     store.durable().await?;
     tracing::info!(waiting_in_outbox = store.outbox_len(), "hub stopped");
     result

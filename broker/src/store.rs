@@ -12,7 +12,10 @@
 //! - `receipts`: seq BE → `Receipt`; `receipts_by_document`: `id 0x00 seq BE` → ();
 //! - `delivered`, `settled`: `message id 0x00 recipient` → () for deliveries shown and acknowledged;
 //! - `rejections`: `message id 0x00 recipient` → rejections so far (u32 BE);
-//! - `dead_letters`: seq BE → `StoredDeadLetter`, kept until an operator replays them.
+//! - `dead_letters`: seq BE → `StoredDeadLetter`, kept until an operator replays them;
+//! - `waiting`: `recipient 0x00 urgency accepted-at BE message id` → () for every message accepted
+//!   and not yet acknowledged or dead-lettered, so that the oldest one per recipient and urgency
+//!   is one prefix lookup (the age operators alert on).
 
 use crate::agency::AgencyCode;
 use crate::document::Document;
@@ -69,6 +72,8 @@ pub struct PendingPublish {
     pub recipient: String,
     /// The encoded `QueuedMessage` to put on the recipient's queue.
     pub payload: Vec<u8>,
+    /// W3C trace context of the span that accepted the message; empty when tracing is off.
+    pub traceparent: String,
     /// The document the ENQUEUED receipt is about (none for status reports).
     document_id: Option<String>,
     /// Whether publishing releases one reference to the document's stored body.
@@ -85,6 +90,8 @@ pub struct MessageRef {
     pub recipient: AgencyCode,
     /// Set for documents: receipts are written for documents only.
     pub document_id: Option<String>,
+    /// The message's key in the `waiting` index (see [`waiting_key_of`]).
+    pub waiting_key: Vec<u8>,
 }
 
 /// Handle to the hub's database; cheap to clone.
@@ -107,6 +114,7 @@ struct StoreInner {
     settled: sled::Tree,
     rejections: sled::Tree,
     dead_letters: sled::Tree,
+    waiting: sled::Tree,
     outbox_len: AtomicU64,
     group_commit: Arc<GroupCommit>,
     flusher: tokio::task::AbortHandle,
@@ -165,6 +173,7 @@ impl Store {
                 settled: tree("settled")?,
                 rejections: tree("rejections")?,
                 dead_letters: tree("dead_letters")?,
+                waiting: tree("waiting")?,
                 outbox,
                 outbox_len,
                 group_commit,
@@ -199,6 +208,7 @@ impl Store {
     pub fn accept_document(
         &self,
         document: &Document,
+        traceparent: &str,
         now_unix_ms: i64,
     ) -> Result<Acceptance, StoreError> {
         let inner = &*self.inner;
@@ -240,35 +250,50 @@ impl Store {
             &inner.outbox,
             &inner.receipts,
             &inner.receipts_by_document,
+            &inner.waiting,
         )
-            .transaction(|(documents, bodies, refs, outbox, receipts, by_document)| {
-                if let Some(existing) = documents.get(document.id.as_bytes())? {
-                    return Ok(Some(existing));
-                }
-                documents.insert(document.id.as_bytes(), stored.as_slice())?;
-                bodies.insert(document.id.as_bytes(), body.as_slice())?;
-                refs.insert(
-                    document.id.as_bytes(),
-                    &(document.to.len() as u32).to_be_bytes(),
-                )?;
-                for (index, recipient) in document.to.iter().enumerate() {
-                    let entry = wire::OutboxEntry {
-                        message_id: document.id.clone(),
-                        recipient: recipient.to_string(),
-                        payload: Some(wire::outbox_entry::Payload::DocumentId(document.id.clone())),
-                        accepted_at_unix_ms: now_unix_ms,
-                        receipt_document_id: String::new(),
-                    };
-                    outbox.insert(
-                        &outbox_key(document.urgency.value(), seqs[2 * index]),
-                        entry.encode_to_vec(),
+            .transaction(
+                |(documents, bodies, refs, outbox, receipts, by_document, waiting)| {
+                    if let Some(existing) = documents.get(document.id.as_bytes())? {
+                        return Ok(Some(existing));
+                    }
+                    documents.insert(document.id.as_bytes(), stored.as_slice())?;
+                    bodies.insert(document.id.as_bytes(), body.as_slice())?;
+                    refs.insert(
+                        document.id.as_bytes(),
+                        &(document.to.len() as u32).to_be_bytes(),
                     )?;
-                }
-                for receipt in &accepted {
-                    insert_receipt(receipts, by_document, receipt)?;
-                }
-                Ok(None)
-            });
+                    for (index, recipient) in document.to.iter().enumerate() {
+                        let entry = wire::OutboxEntry {
+                            message_id: document.id.clone(),
+                            recipient: recipient.to_string(),
+                            payload: Some(wire::outbox_entry::Payload::DocumentId(
+                                document.id.clone(),
+                            )),
+                            accepted_at_unix_ms: now_unix_ms,
+                            receipt_document_id: String::new(),
+                            traceparent: traceparent.to_owned(),
+                        };
+                        outbox.insert(
+                            &outbox_key(document.urgency.value(), seqs[2 * index]),
+                            entry.encode_to_vec(),
+                        )?;
+                        waiting.insert(
+                            waiting_key(
+                                recipient.as_str(),
+                                document.urgency.value(),
+                                now_unix_ms,
+                                &document.id,
+                            ),
+                            &[],
+                        )?;
+                    }
+                    for receipt in &accepted {
+                        insert_receipt(receipts, by_document, receipt)?;
+                    }
+                    Ok(None)
+                },
+            );
         let existing = unwrap_transaction(result)?;
         if let Some(existing) = existing {
             let existing =
@@ -302,13 +327,21 @@ impl Store {
         let report_seq = inner.db.generate_id()?;
         let message_id = format!("status/{report_seq}");
         let mut entries = Vec::with_capacity(recipients.len());
+        let mut waiting_keys = Vec::with_capacity(recipients.len());
         for recipient in recipients {
+            waiting_keys.push(waiting_key(
+                recipient.as_str(),
+                crate::document::Urgency::HIGHEST.value(),
+                now_unix_ms,
+                &message_id,
+            ));
             let entry = wire::OutboxEntry {
                 message_id: message_id.clone(),
                 recipient: recipient.to_string(),
                 payload: Some(wire::outbox_entry::Payload::Status(report.clone())),
                 accepted_at_unix_ms: now_unix_ms,
                 receipt_document_id: String::new(),
+                traceparent: String::new(),
             };
             let key = outbox_key(
                 crate::document::Urgency::HIGHEST.value(),
@@ -331,17 +364,24 @@ impl Store {
                 },
             ));
         }
-        let result = (&inner.outbox, &inner.receipts, &inner.receipts_by_document).transaction(
-            |(outbox, receipts_tree, by_document)| {
+        let result = (
+            &inner.outbox,
+            &inner.receipts,
+            &inner.receipts_by_document,
+            &inner.waiting,
+        )
+            .transaction(|(outbox, receipts_tree, by_document, waiting)| {
                 for (key, entry) in &entries {
                     outbox.insert(key, entry.as_slice())?;
+                }
+                for key in &waiting_keys {
+                    waiting.insert(key.as_slice(), &[])?;
                 }
                 for receipt in &receipts {
                     insert_receipt(receipts_tree, by_document, receipt)?;
                 }
                 Ok(())
-            },
-        );
+            });
         unwrap_transaction(result)?;
         inner
             .outbox_len
@@ -360,6 +400,8 @@ impl Store {
                 message_id: entry.message_id.clone(),
                 recipient: entry.recipient.clone(),
                 payload: None,
+                accepted_at_unix_ms: entry.accepted_at_unix_ms,
+                traceparent: String::new(),
             };
             let holds_body = matches!(
                 entry.payload,
@@ -396,6 +438,7 @@ impl Store {
                 message_id: entry.message_id,
                 recipient: entry.recipient,
                 payload,
+                traceparent: entry.traceparent,
                 document_id,
                 holds_body,
                 enqueued_seq: inner.db.generate_id()?,
@@ -508,15 +551,20 @@ impl Store {
             )),
             None => None,
         };
-        let result = (&inner.settled, &inner.receipts, &inner.receipts_by_document).transaction(
-            |(settled, receipts, by_document)| {
+        let result = (
+            &inner.settled,
+            &inner.receipts,
+            &inner.receipts_by_document,
+            &inner.waiting,
+        )
+            .transaction(|(settled, receipts, by_document, waiting)| {
                 settled.insert(pair.as_slice(), &[])?;
+                waiting.remove(message.waiting_key.as_slice())?;
                 if let Some(receipt) = &receipt {
                     insert_receipt(receipts, by_document, receipt)?;
                 }
                 Ok(())
-            },
-        );
+            });
         unwrap_transaction(result)
     }
 
@@ -553,6 +601,7 @@ impl Store {
         reason: &str,
         now_unix_ms: i64,
     ) -> Result<(), StoreError> {
+        self.inner.waiting.remove(message.waiting_key.as_slice())?;
         self.append_refusal(message, ReceiptKind::DeadLettered, reason, now_unix_ms)
     }
 
@@ -608,6 +657,9 @@ impl Store {
         now_unix_ms: i64,
     ) -> Result<(), StoreError> {
         let inner = &*self.inner;
+        if let Ok(message) = wire::QueuedMessage::decode(queued_message) {
+            inner.waiting.remove(waiting_key_of(&message))?;
+        }
         let mut reason = transport_reason.to_owned();
         if let Some(document_id) = document_id {
             let last = self
@@ -669,6 +721,25 @@ impl Store {
         Ok(kept)
     }
 
+    /// How many dead letters the hub keeps.
+    pub fn dead_letter_count(&self) -> u64 {
+        self.inner.dead_letters.len() as u64
+    }
+
+    /// The newest `limit` receipts, newest first.
+    pub fn newest_receipts(&self, limit: usize) -> Result<Vec<wire::Receipt>, StoreError> {
+        self.inner
+            .receipts
+            .iter()
+            .rev()
+            .take(limit)
+            .map(|item| {
+                let (_, value) = item?;
+                wire::Receipt::decode(&*value).map_err(corrupt("receipts"))
+            })
+            .collect()
+    }
+
     /// Sends dead letters back to their recipients' queues through the outbox, each with a
     /// REPLAYED receipt (for documents) naming `operator`; their rejection counts start again.
     /// Returns how many were replayed and the receipts.
@@ -696,6 +767,7 @@ impl Store {
                 )),
                 accepted_at_unix_ms: now_unix_ms,
                 receipt_document_id: dead_letter.document_id.clone(),
+                traceparent: String::new(),
             };
             let outbox_key = outbox_key(
                 crate::document::Urgency::NORMAL.value(),
@@ -722,19 +794,33 @@ impl Store {
                 None => None,
             };
             let pair = pair_key(&dead_letter.message_id, &dead_letter.recipient);
+            let waiting = wire::QueuedMessage::decode(dead_letter.queued_message.as_slice())
+                .map(|message| waiting_key_of(&message))
+                .ok();
             let result = (
                 &inner.dead_letters,
                 &inner.outbox,
                 &inner.rejections,
                 &inner.receipts,
                 &inner.receipts_by_document,
+                &inner.waiting,
             )
                 .transaction(
-                    |(dead_letters, outbox, rejections, receipts_tree, by_document)| {
+                    |(
+                        dead_letters,
+                        outbox,
+                        rejections,
+                        receipts_tree,
+                        by_document,
+                        waiting_tree,
+                    )| {
                         if dead_letters.remove(&key)?.is_none() {
                             return Ok(false);
                         }
                         outbox.insert(&outbox_key, entry.encode_to_vec())?;
+                        if let Some(waiting) = &waiting {
+                            waiting_tree.insert(waiting.as_slice(), &[])?;
+                        }
                         rejections.remove(pair.as_slice())?;
                         if let Some(receipt) = &receipt {
                             insert_receipt(receipts_tree, by_document, receipt)?;
@@ -749,6 +835,29 @@ impl Store {
         }
         inner.outbox_len.fetch_add(replayed, Ordering::Relaxed);
         Ok((replayed, receipts))
+    }
+
+    /// When the oldest message waiting for `recipient` was accepted, per urgency (index 0
+    /// normal .. 4): waiting means accepted and not yet acknowledged nor dead-lettered.
+    pub fn oldest_waiting(
+        &self,
+        recipient: &str,
+    ) -> Result<[Option<i64>; URGENCY_LEVELS], StoreError> {
+        let mut oldest = [None; URGENCY_LEVELS];
+        for (urgency, slot) in oldest.iter_mut().enumerate() {
+            let mut prefix = recipient.as_bytes().to_vec();
+            prefix.push(0);
+            prefix.push(urgency as u8);
+            if let Some(item) = self.inner.waiting.scan_prefix(&prefix).next() {
+                let (key, _) = item?;
+                let at = key
+                    .get(prefix.len()..prefix.len() + 8)
+                    .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
+                    .ok_or_else(|| StoreError::Corrupt("tree waiting: short key".into()))?;
+                *slot = Some(u64::from_be_bytes(at) as i64);
+            }
+        }
+        Ok(oldest)
     }
 
     /// Whether the recipient already acknowledged this message.
@@ -856,6 +965,41 @@ fn outbox_key(urgency: u8, seq: u64) -> [u8; 9] {
     key
 }
 
+/// Urgencies a message can have (0 normal .. 4 timed express).
+pub const URGENCY_LEVELS: usize = crate::document::Urgency::HIGHEST.value() as usize + 1;
+
+fn waiting_key(
+    recipient: &str,
+    urgency: u8,
+    accepted_at_unix_ms: i64,
+    message_id: &str,
+) -> Vec<u8> {
+    let mut key = Vec::with_capacity(recipient.len() + 10 + message_id.len());
+    key.extend_from_slice(recipient.as_bytes());
+    key.push(0);
+    key.push(urgency);
+    key.extend_from_slice(&(accepted_at_unix_ms.max(0) as u64).to_be_bytes());
+    key.extend_from_slice(message_id.as_bytes());
+    key
+}
+
+/// A queued message's key in the `waiting` index. Status reports wait at the highest urgency,
+/// as they do in the outbox.
+pub fn waiting_key_of(message: &wire::QueuedMessage) -> Vec<u8> {
+    let urgency = match &message.payload {
+        Some(wire::queued_message::Payload::Document(document)) => {
+            u8::try_from(document.priority).unwrap_or(u8::MAX)
+        }
+        _ => crate::document::Urgency::HIGHEST.value(),
+    };
+    waiting_key(
+        &message.recipient,
+        urgency,
+        message.accepted_at_unix_ms,
+        &message.message_id,
+    )
+}
+
 fn pair_key(message_id: &str, recipient: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(message_id.len() + 1 + recipient.len());
     key.extend_from_slice(message_id.as_bytes());
@@ -868,7 +1012,8 @@ fn pair_key(message_id: &str, recipient: &str) -> Vec<u8> {
 /// an embedded message field is its key, its length and its bytes.
 fn encode_queued_document(header: wire::QueuedMessage, document_bytes: &[u8]) -> Vec<u8> {
     const DOCUMENT_FIELD: u32 = 3;
-    let mut buffer = Vec::with_capacity(header.encoded_len() + document_bytes.len() + 16);
+    // The slack leaves room for the publisher to append a `traceparent` field without copying.
+    let mut buffer = Vec::with_capacity(header.encoded_len() + document_bytes.len() + 96);
     header.encode(&mut buffer).expect("a Vec grows as needed");
     prost::encoding::encode_key(
         DOCUMENT_FIELD,

@@ -6,6 +6,25 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+/// Defines a test module `$name` with two tests, `amqp` and `embedded`, each calling the
+/// scenario `$name(TransportKind)` of the test file on that transport.
+#[macro_export]
+macro_rules! on_both_transports {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test]
+            async fn amqp() {
+                super::$name(super::TransportKind::Amqp).await;
+            }
+
+            #[tokio::test]
+            async fn embedded() {
+                super::$name(super::TransportKind::Embedded).await;
+            }
+        }
+    };
+}
+
 use lienthong::agency::AgencyCode;
 use lienthong::client::{ExchangeClient, connect};
 use lienthong::config::Config;
@@ -79,6 +98,10 @@ pub struct HubOptions {
     pub grpc_listen: String,
     /// The operators' HTTP endpoint (`/healthz`, `/readyz`, `/metrics`).
     pub http_listen: String,
+    /// `[telemetry] log_format`: "text" or "json".
+    pub log_format: &'static str,
+    /// `[telemetry] sample_interval_ms`: short, so that rates and charts fill quickly.
+    pub sample_interval_ms: u64,
 }
 
 impl HubOptions {
@@ -94,6 +117,8 @@ impl HubOptions {
             retry_backoff_base_ms: 20,
             grpc_listen: "127.0.0.1:0".into(),
             http_listen: format!("127.0.0.1:{}", free_port()),
+            log_format: "text",
+            sample_interval_ms: 200,
         }
     }
 }
@@ -155,7 +180,12 @@ retry_backoff_base_ms = {retry_backoff_base_ms}
 retry_backoff_max_ms = 500
 [access]
 operators = ["{PROVINCE}"]
+[telemetry]
+log_format = "{log_format}"
+sample_interval_ms = {sample_interval_ms}
 "#,
+            log_format = options.log_format,
+            sample_interval_ms = options.sample_interval_ms,
             grpc_listen = options.grpc_listen,
             http_listen = options.http_listen,
             data_dir = self.dir.path().join("data").display(),

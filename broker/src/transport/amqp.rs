@@ -37,7 +37,7 @@ const SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
 pub struct AmqpSettings {
     pub url: String,
     pub names: TopologyNames,
-    /// Every agency gets a queue bound to its code.
+    /// Every agency gets a queue bound to its code (more are added by `add_queues`).
     pub agencies: Vec<AgencyCode>,
     /// Returns of one message before RabbitMQ dead-letters it (`x-delivery-limit`): a message
     /// is delivered at most `delivery_limit + 1` times.
@@ -64,7 +64,18 @@ pub struct AmqpTransport {
 #[derive(Debug)]
 struct Inner {
     settings: AmqpSettings,
+    /// The agencies whose queues are declared at each connection: the settings' and those added.
+    agencies: std::sync::Mutex<Vec<AgencyCode>>,
     session: watch::Sender<Option<Arc<Session>>>,
+}
+
+impl Inner {
+    fn agencies(&self) -> Vec<AgencyCode> {
+        self.agencies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 /// One live connection with its confirming publisher channel.
@@ -86,6 +97,7 @@ impl AmqpTransport {
     /// Starts the connection supervisor; returns at once. The supervisor stops on `shutdown`.
     pub fn start(settings: AmqpSettings, shutdown: CancellationToken) -> AmqpTransport {
         let inner = Arc::new(Inner {
+            agencies: std::sync::Mutex::new(settings.agencies.clone()),
             settings,
             session: watch::Sender::new(None),
         });
@@ -132,10 +144,18 @@ impl Transport for AmqpTransport {
 
     async fn publish(&self, message: OutboundMessage<'_>) -> Result<(), TransportError> {
         let session = self.session()?;
-        let properties = BasicProperties::default()
+        let mut properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_message_id(message.message_id.into())
             .with_content_type("application/x-protobuf".into());
+        if !message.traceparent.is_empty() {
+            let mut headers = FieldTable::default();
+            headers.insert(
+                crate::telemetry::TRACEPARENT.into(),
+                AMQPValue::LongString(LongString::from(message.traceparent)),
+            );
+            properties = properties.with_headers(headers);
+        }
         let outcome = async {
             session
                 .publisher
@@ -208,6 +228,38 @@ impl Transport for AmqpTransport {
             .inspect(self.inner.settings.names.dead_letter_queue())
             .await?;
         Ok(u64::from(queue.message_count()))
+    }
+
+    async fn add_queues(&self, agencies: &[AgencyCode]) -> Result<(), TransportError> {
+        let added: Vec<AgencyCode> = {
+            let mut known = self
+                .inner
+                .agencies
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let added: Vec<AgencyCode> = agencies
+                .iter()
+                .filter(|agency| !known.contains(agency))
+                .cloned()
+                .collect();
+            known.extend(added.iter().cloned());
+            added
+        };
+        if added.is_empty() {
+            return Ok(());
+        }
+        // Not connected: the supervisor declares them with the rest when it reconnects.
+        let Ok(session) = self.session() else {
+            return Ok(());
+        };
+        let declared = async {
+            let channel = session.connection.create_channel().await?;
+            declare_agency_queues(&channel, &self.inner.settings, &added).await?;
+            channel.close(200, "queues declared".into()).await
+        };
+        declared.await.map_err(|e| {
+            TransportError::Protocol(format!("declaring the queues of new agencies: {e}"))
+        })
     }
 }
 
@@ -380,8 +432,9 @@ async fn supervise(inner: Arc<Inner>, shutdown: CancellationToken) {
     let mut backoff = MIN_BACKOFF;
     let safe_url = crate::config::redact_url_password(&inner.settings.url);
     loop {
+        let agencies = inner.agencies();
         let connected = tokio::select! {
-            result = connect(&inner.settings) => result,
+            result = connect(&inner.settings, &agencies) => result,
             () = shutdown.cancelled() => break,
         };
         match connected {
@@ -415,7 +468,10 @@ async fn supervise(inner: Arc<Inner>, shutdown: CancellationToken) {
     }
 }
 
-async fn connect(settings: &AmqpSettings) -> Result<Session, lapin::Error> {
+async fn connect(
+    settings: &AmqpSettings,
+    agencies: &[AgencyCode],
+) -> Result<Session, lapin::Error> {
     let connection = Connection::connect(&settings.url, ConnectionProperties::default()).await?;
     let lost = CancellationToken::new();
     let mut events = connection.events_listener();
@@ -430,7 +486,7 @@ async fn connect(settings: &AmqpSettings) -> Result<Session, lapin::Error> {
         }
         on_error.cancel();
     });
-    declare_topology(&connection, settings).await?;
+    declare_topology(&connection, settings, agencies).await?;
     let publisher = connection.create_channel().await?;
     publisher
         .confirm_select(ConfirmSelectOptions::default())
@@ -446,6 +502,7 @@ async fn connect(settings: &AmqpSettings) -> Result<Session, lapin::Error> {
 async fn declare_topology(
     connection: &Connection,
     settings: &AmqpSettings,
+    agencies: &[AgencyCode],
 ) -> Result<(), lapin::Error> {
     let names = &settings.names;
     let channel = connection.create_channel().await?;
@@ -489,7 +546,23 @@ async fn declare_topology(
             FieldTable::default(),
         )
         .await?;
-    for agency in &settings.agencies {
+    declare_agency_queues(&channel, settings, agencies).await?;
+    channel.close(200, "topology declared".into()).await?;
+    Ok(())
+}
+
+/// Declares the quorum queue of each agency and binds it to the agency's code.
+async fn declare_agency_queues(
+    channel: &Channel,
+    settings: &AmqpSettings,
+    agencies: &[AgencyCode],
+) -> Result<(), lapin::Error> {
+    let names = &settings.names;
+    let queue_options = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    for agency in agencies {
         let queue = names.agency_queue(agency);
         channel
             .queue_declare(
@@ -508,7 +581,6 @@ async fn declare_topology(
             )
             .await?;
     }
-    channel.close(200, "topology declared".into()).await?;
     Ok(())
 }
 

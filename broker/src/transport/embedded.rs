@@ -18,7 +18,7 @@ use super::{
 use crate::agency::{AgencyCode, topic_matches};
 use crate::store::{Store, StoreError};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 const REDELIVERED: u8 = 1;
@@ -33,8 +33,10 @@ pub struct EmbeddedTransport {
 #[derive(Debug)]
 struct Inner {
     store: Store,
-    /// Binding pattern (the agency code) → queue.
-    queues: Vec<(String, Arc<Queue>)>,
+    names: TopologyNames,
+    delivery_limit: u32,
+    /// Binding pattern (the agency code) → queue; grows when the directory is reloaded.
+    queues: RwLock<Vec<(String, Arc<Queue>)>>,
     dead_letters: Arc<Queue>,
 }
 
@@ -70,27 +72,45 @@ impl EmbeddedTransport {
             None,
             u32::MAX,
         ));
-        let mut queues = Vec::with_capacity(agencies.len());
-        for agency in agencies {
-            let tree = db.open_tree(format!("embedded/{}", names.agency_queue(agency)))?;
-            let queue = Queue::new(tree, Some(dead_letters.clone()), delivery_limit);
-            queues.push((agency.to_string(), Arc::new(queue)));
-        }
-        Ok(EmbeddedTransport {
+        let transport = EmbeddedTransport {
             inner: Arc::new(Inner {
                 store: store.clone(),
-                queues,
+                names: names.clone(),
+                delivery_limit,
+                queues: RwLock::new(Vec::with_capacity(agencies.len())),
                 dead_letters,
             }),
-        })
+        };
+        transport.open_queues(agencies)?;
+        Ok(transport)
     }
 
-    fn queue_of(&self, agency: &AgencyCode) -> Result<&Arc<Queue>, TransportError> {
+    /// Opens the queues of `agencies` that are not open yet.
+    fn open_queues(&self, agencies: &[AgencyCode]) -> Result<(), StoreError> {
+        let inner = &*self.inner;
+        let mut queues = inner.queues.write().unwrap_or_else(|p| p.into_inner());
+        for agency in agencies {
+            if queues.iter().any(|(binding, _)| binding == agency.as_str()) {
+                continue;
+            }
+            let tree = inner
+                .store
+                .db()
+                .open_tree(format!("embedded/{}", inner.names.agency_queue(agency)))?;
+            let queue = Queue::new(tree, Some(inner.dead_letters.clone()), inner.delivery_limit);
+            queues.push((agency.to_string(), Arc::new(queue)));
+        }
+        Ok(())
+    }
+
+    fn queue_of(&self, agency: &AgencyCode) -> Result<Arc<Queue>, TransportError> {
         self.inner
             .queues
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .iter()
             .find(|(binding, _)| binding == agency.as_str())
-            .map(|(_, queue)| queue)
+            .map(|(_, queue)| queue.clone())
             .ok_or_else(|| TransportError::Unavailable(format!("no queue for agency {agency}")))
     }
 }
@@ -99,12 +119,14 @@ impl Transport for EmbeddedTransport {
     type Subscription = EmbeddedSubscription;
 
     async fn publish(&self, message: OutboundMessage<'_>) -> Result<(), TransportError> {
-        let targets: Vec<&Arc<Queue>> = self
+        let targets: Vec<Arc<Queue>> = self
             .inner
             .queues
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .iter()
             .filter(|(binding, _)| topic_matches(binding, message.routing_key))
-            .map(|(_, queue)| queue)
+            .map(|(_, queue)| queue.clone())
             .collect();
         if targets.is_empty() {
             return Err(TransportError::Unroutable {
@@ -134,10 +156,7 @@ impl Transport for EmbeddedTransport {
         agency: &AgencyCode,
         prefetch: u16,
     ) -> Result<EmbeddedSubscription, TransportError> {
-        Ok(EmbeddedSubscription::new(
-            self.queue_of(agency)?.clone(),
-            prefetch,
-        ))
+        Ok(EmbeddedSubscription::new(self.queue_of(agency)?, prefetch))
     }
 
     async fn subscribe_dead_letters(
@@ -165,6 +184,11 @@ impl Transport for EmbeddedTransport {
 
     async fn dead_letter_count(&self) -> Result<u64, TransportError> {
         Ok(self.inner.dead_letters.tree.len() as u64)
+    }
+
+    async fn add_queues(&self, agencies: &[AgencyCode]) -> Result<(), TransportError> {
+        self.open_queues(agencies)
+            .map_err(|e| TransportError::Protocol(e.to_string()))
     }
 }
 

@@ -23,6 +23,9 @@ pub struct OutboundMessage<'a> {
     pub routing_key: &'a str,
     pub message_id: &'a str,
     pub payload: &'a [u8],
+    /// W3C trace context of the publishing span (empty when tracing is off); RabbitMQ carries
+    /// it as the `traceparent` header, the payload carries it too.
+    pub traceparent: &'a str,
 }
 
 /// A message taken from a queue, held until it is settled through its acker.
@@ -138,6 +141,14 @@ pub trait Transport: Clone + Send + Sync + 'static {
 
     /// Messages in the dead-letter queue.
     fn dead_letter_count(&self) -> impl Future<Output = Result<u64, TransportError>> + Send;
+
+    /// Declares and binds the queues of agencies added to the directory (idempotent; queues
+    /// of agencies already known are left as they are). They are declared again after every
+    /// reconnection, like those the transport started with.
+    fn add_queues(
+        &self,
+        agencies: &[AgencyCode],
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
 }
 
 /// A consumer of one queue.
