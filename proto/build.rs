@@ -7,6 +7,7 @@ use std::path::PathBuf;
 const PROTO_FILES: &[&str] = &[
     "lienthong/v1/exchange.proto",
     "lienthong/v1/admin.proto",
+    "lienthong/v1/audit.proto",
     "lienthong/v1/queue.proto",
     "lienthong/v1/storage.proto",
 ];

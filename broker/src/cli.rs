@@ -1,6 +1,8 @@
 //! The `lienthong` command line: `serve` runs a hub; `send`, `receive`, `status` and `track`
 //! are a client a person can use by hand.
 
+pub mod audit;
+
 use crate::client::{ExchangeClient, connect};
 use crate::config::Config;
 use anyhow::Context;
@@ -47,6 +49,9 @@ pub enum Command {
     /// Operators: the agency directory.
     #[command(subcommand)]
     Directory(DirectoryCommand),
+    /// Auditors: the tamper-evident receipt ledger (list, export, verify offline, prove).
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -196,6 +201,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Queues(args) => queues(args).await,
         Command::DeadLetters(command) => dead_letters(command).await,
         Command::Directory(DirectoryCommand::Reload { client }) => reload_directory(client).await,
+        Command::Audit(command) => audit::run(command).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -57,3 +57,13 @@ async fn open_channel(endpoint: &str, agency: &str) -> anyhow::Result<(Channel, 
         .map_err(|e| anyhow::anyhow!("cannot connect to the hub at {endpoint}: {e}"))?;
     Ok((channel, AgencyIdentity(identity)))
 }
+
+/// An `Audit` client speaking as one identity (an auditor, or an agency about its documents).
+pub type AuditClient =
+    lienthong_proto::v1::audit_client::AuditClient<InterceptedService<Channel, AgencyIdentity>>;
+
+/// Connects to the `Audit` service at `endpoint` as `agency`.
+pub async fn connect_audit(endpoint: &str, agency: &str) -> anyhow::Result<AuditClient> {
+    let (channel, identity) = open_channel(endpoint, agency).await?;
+    Ok(lienthong_proto::v1::audit_client::AuditClient::with_interceptor(channel, identity))
+}

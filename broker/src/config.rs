@@ -24,7 +24,11 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     /// Identities (agency codes) allowed to use the `Admin` service.
     pub operators: Vec<AgencyCode>,
+    /// Identities allowed to read the whole receipt ledger (`Audit` service).
+    pub auditors: Vec<AgencyCode>,
     pub telemetry: TelemetryConfig,
+    /// When the receipt ledger signs checkpoints.
+    pub checkpoints: crate::store::CheckpointPolicy,
 }
 
 /// Logs, traces and the sampling behind the status page and queue rates.
@@ -130,6 +134,24 @@ struct ConfigToml {
     access: AccessToml,
     #[serde(default)]
     telemetry: TelemetryToml,
+    #[serde(default)]
+    ledger: LedgerToml,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct LedgerToml {
+    checkpoint_every: u64,
+    checkpoint_interval_ms: u64,
+}
+
+impl Default for LedgerToml {
+    fn default() -> Self {
+        LedgerToml {
+            checkpoint_every: 1000,
+            checkpoint_interval_ms: 5000,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -154,6 +176,7 @@ impl Default for TelemetryToml {
 #[serde(deny_unknown_fields, default)]
 struct AccessToml {
     operators: Vec<String>,
+    auditors: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -322,7 +345,15 @@ impl Config {
                     retry_backoff_base_ms,
                     retry_backoff_max_ms,
                 },
-            access: AccessToml { operators },
+            access: AccessToml {
+                operators,
+                auditors,
+            },
+            ledger:
+                LedgerToml {
+                    checkpoint_every,
+                    checkpoint_interval_ms,
+                },
             telemetry:
                 TelemetryToml {
                     log_format,
@@ -396,16 +427,31 @@ impl Config {
         if sample_interval_ms < 100 {
             return Err("[telemetry] sample_interval_ms: must be at least 100".into());
         }
-        let operators = operators
-            .iter()
-            .enumerate()
-            .map(|(index, code)| {
-                code.parse()
-                    .map_err(|e| format!("[access] operators[{index}]: {e}"))
-            })
-            .collect::<Result<Vec<AgencyCode>, String>>()?;
+        let identities = |key: &str, codes: &[String]| {
+            codes
+                .iter()
+                .enumerate()
+                .map(|(index, code)| {
+                    code.parse()
+                        .map_err(|e| format!("[access] {key}[{index}]: {e}"))
+                })
+                .collect::<Result<Vec<AgencyCode>, String>>()
+        };
+        let operators = identities("operators", &operators)?;
+        let auditors = identities("auditors", &auditors)?;
+        if checkpoint_every == 0 {
+            return Err("[ledger] checkpoint_every: must be greater than 0".into());
+        }
+        if checkpoint_interval_ms == 0 {
+            return Err("[ledger] checkpoint_interval_ms: must be greater than 0".into());
+        }
         Ok(Config {
             operators,
+            auditors,
+            checkpoints: crate::store::CheckpointPolicy {
+                every: checkpoint_every,
+                interval: Duration::from_millis(checkpoint_interval_ms),
+            },
             hub_code,
             grpc_listen,
             http_listen,

@@ -173,3 +173,120 @@ impl<T: Transport> lienthong_proto::v1::admin_server::Admin for AdminService<T> 
         Ok(Response::new(self.hub.reload_directory(&caller).await?))
     }
 }
+
+/// The `Audit` service over a hub: the receipt ledger, read-only.
+#[derive(Debug)]
+pub struct AuditService<T: Transport> {
+    hub: Hub<T>,
+}
+
+impl<T: Transport> AuditService<T> {
+    pub fn new(hub: Hub<T>) -> Self {
+        AuditService { hub }
+    }
+}
+
+type ExportStream = Pin<Box<dyn Stream<Item = Result<wire::ExportLedgerItem, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<T: Transport> lienthong_proto::v1::audit_server::Audit for AuditService<T> {
+    async fn list_receipts(
+        &self,
+        request: Request<wire::ListReceiptsRequest>,
+    ) -> Result<Response<wire::ListReceiptsResponse>, Status> {
+        let caller = caller_identity(&request)?;
+        Ok(Response::new(
+            self.hub.list_receipts(&caller, request.into_inner())?,
+        ))
+    }
+
+    async fn get_proof(
+        &self,
+        request: Request<wire::GetProofRequest>,
+    ) -> Result<Response<wire::GetProofResponse>, Status> {
+        let caller = caller_identity(&request)?;
+        Ok(Response::new(
+            self.hub
+                .receipt_proof(&caller, request.into_inner())
+                .await?,
+        ))
+    }
+
+    async fn verify_ledger(
+        &self,
+        request: Request<wire::VerifyLedgerRequest>,
+    ) -> Result<Response<wire::VerifyLedgerResponse>, Status> {
+        let caller = caller_identity(&request)?;
+        let wire::VerifyLedgerRequest {
+            from_index,
+            to_index,
+        } = request.into_inner();
+        let hub = self.hub.clone();
+        // Verification reads the whole range; keep it off the async workers.
+        let response =
+            tokio::task::spawn_blocking(move || hub.verify_ledger(&caller, from_index, to_index))
+                .await
+                .map_err(|e| Status::internal(format!("verification stopped: {e}")))??;
+        Ok(Response::new(response))
+    }
+
+    type ExportLedgerStream = ExportStream;
+
+    async fn export_ledger(
+        &self,
+        request: Request<wire::ExportLedgerRequest>,
+    ) -> Result<Response<ExportStream>, Status> {
+        let caller = caller_identity(&request)?;
+        let wire::ExportLedgerRequest {
+            from_index,
+            to_index,
+        } = request.into_inner();
+        let (from, to) = self.hub.export_range(&caller, from_index, to_index)?;
+        let store = self.hub.store().clone();
+        let (sender, receiver) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            let checkpoints = match store.ledger_checkpoints(from, to) {
+                Ok(checkpoints) => checkpoints,
+                Err(error) => {
+                    let _ = sender.send(Err(Status::from(HubError::from(error)))).await;
+                    return;
+                }
+            };
+            let mut checkpoints = checkpoints.into_iter().peekable();
+            for index in from..to {
+                let item = match store.ledger_record(index) {
+                    Ok(Some(record)) => Ok(wire::ExportLedgerItem {
+                        item: Some(wire::export_ledger_item::Item::Record(record)),
+                    }),
+                    Ok(None) => Err(Status::internal(format!(
+                        "ledger record {index} is missing"
+                    ))),
+                    Err(error) => Err(Status::from(HubError::from(error))),
+                };
+                let failed = item.is_err();
+                if sender.send(item).await.is_err() || failed {
+                    return;
+                }
+                while let Some(checkpoint) = checkpoints.next_if(|c| c.tree_size == index + 1) {
+                    let item = wire::ExportLedgerItem {
+                        item: Some(wire::export_ledger_item::Item::Checkpoint(checkpoint)),
+                    };
+                    if sender.send(Ok(item)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
+    }
+
+    async fn get_ledger_info(
+        &self,
+        request: Request<wire::GetLedgerInfoRequest>,
+    ) -> Result<Response<wire::GetLedgerInfoResponse>, Status> {
+        caller_identity(&request)?;
+        Ok(Response::new(self.hub.ledger_info()?))
+    }
+}

@@ -19,6 +19,7 @@
 pub mod activity;
 pub mod admin;
 pub mod agency;
+pub mod audit;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -29,6 +30,7 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod hub;
+pub mod ledger;
 pub mod metrics;
 pub mod publisher;
 pub mod receipt;

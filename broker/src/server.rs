@@ -3,7 +3,7 @@
 
 use crate::config::{Config, TransportConfig};
 use crate::directory::AgencyDirectory;
-use crate::grpc::{AdminService, ExchangeService};
+use crate::grpc::{AdminService, AuditService, ExchangeService};
 use crate::hub::Hub;
 use crate::store::Store;
 use crate::transport::amqp::{AmqpSettings, AmqpTransport};
@@ -11,6 +11,7 @@ use crate::transport::embedded::EmbeddedTransport;
 use crate::transport::{TopologyNames, Transport};
 use anyhow::Context;
 use lienthong_proto::v1::admin_server::AdminServer;
+use lienthong_proto::v1::audit_server::AuditServer;
 use lienthong_proto::v1::document_exchange_server::DocumentExchangeServer;
 use std::future::Future;
 use tokio::net::TcpListener;
@@ -59,7 +60,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let directory = AgencyDirectory::load(&config.directory_file)?;
-    let store = Store::open(&config.data_dir, &config.hub_code)?;
+    let store = Store::open_with(&config.data_dir, &config.hub_code, config.checkpoints)?;
     let agencies: Vec<_> = directory.codes().cloned().collect();
     let names = TopologyNames::new(config.transport.prefix());
     let stop = CancellationToken::new();
@@ -160,6 +161,7 @@ async fn serve<T: Transport>(
         .add_service(reflection)
         .add_service(exchange)
         .add_service(AdminServer::new(AdminService::new(hub.clone())))
+        .add_service(AuditServer::new(AuditService::new(hub.clone())))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             async move {

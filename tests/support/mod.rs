@@ -42,6 +42,9 @@ pub const DISTRICT: &str = "000.00.31.H53";
 pub const COMMUNE: &str = "000.21.31.H53";
 pub const COMMUNE_2: &str = "000.22.31.H53";
 pub const MINISTRY: &str = "000.00.00.G22";
+/// The identity listed in `[access] auditors` of test hubs (a state inspectorate's code; not an
+/// agency of the directory, not an operator).
+pub const AUDITOR: &str = "000.00.00.G10";
 /// A well-formed code that is not in the test directory.
 pub const STRANGER_CODE: &str = "000.99.31.H53";
 
@@ -102,6 +105,8 @@ pub struct HubOptions {
     pub log_format: &'static str,
     /// `[telemetry] sample_interval_ms`: short, so that rates and charts fill quickly.
     pub sample_interval_ms: u64,
+    /// `[ledger] checkpoint_every`.
+    pub checkpoint_every: u64,
 }
 
 impl HubOptions {
@@ -119,6 +124,7 @@ impl HubOptions {
             http_listen: format!("127.0.0.1:{}", free_port()),
             log_format: "text",
             sample_interval_ms: 200,
+            checkpoint_every: 1000,
         }
     }
 }
@@ -180,12 +186,17 @@ retry_backoff_base_ms = {retry_backoff_base_ms}
 retry_backoff_max_ms = 500
 [access]
 operators = ["{PROVINCE}"]
+auditors = ["{AUDITOR}"]
+[ledger]
+checkpoint_every = {checkpoint_every}
+checkpoint_interval_ms = 200
 [telemetry]
 log_format = "{log_format}"
 sample_interval_ms = {sample_interval_ms}
 "#,
             log_format = options.log_format,
             sample_interval_ms = options.sample_interval_ms,
+            checkpoint_every = options.checkpoint_every,
             grpc_listen = options.grpc_listen,
             http_listen = options.http_listen,
             data_dir = self.dir.path().join("data").display(),

@@ -15,7 +15,12 @@
 //! - `dead_letters`: seq BE → `StoredDeadLetter`, kept until an operator replays them;
 //! - `waiting`: `recipient 0x00 urgency accepted-at BE message id` → () for every message accepted
 //!   and not yet acknowledged or dead-lettered, so that the oldest one per recipient and urgency
-//!   is one prefix lookup (the age operators alert on).
+//!   is one prefix lookup (the age operators alert on);
+//! - the ledger's trees (`ledger*`), described in [`ledger`].
+
+mod ledger;
+
+pub use ledger::{CheckpointPolicy, ReceiptFilter, Verification};
 
 use crate::agency::AgencyCode;
 use crate::document::Document;
@@ -115,6 +120,9 @@ struct StoreInner {
     rejections: sled::Tree,
     dead_letters: sled::Tree,
     waiting: sled::Tree,
+    /// Receipts not yet in the ledger (see [`ledger`]), written with each receipt.
+    ledger_pending: sled::Tree,
+    ledger: ledger::LedgerTrees,
     outbox_len: AtomicU64,
     group_commit: Arc<GroupCommit>,
     flusher: tokio::task::AbortHandle,
@@ -127,8 +135,18 @@ impl Drop for StoreInner {
 }
 
 impl Store {
-    /// Opens (or creates) the database in `data_dir`. Must run inside a tokio runtime.
+    /// Opens (or creates) the database in `data_dir`, with the default checkpoint policy. Must
+    /// run inside a tokio runtime.
     pub fn open(data_dir: &Path, hub_code: &AgencyCode) -> Result<Store, StoreError> {
+        Store::open_with(data_dir, hub_code, CheckpointPolicy::default())
+    }
+
+    /// Opens (or creates) the database in `data_dir`, signing ledger checkpoints by `policy`.
+    pub fn open_with(
+        data_dir: &Path,
+        hub_code: &AgencyCode,
+        policy: CheckpointPolicy,
+    ) -> Result<Store, StoreError> {
         let open_error = |source| StoreError::Open {
             data_dir: data_dir.to_owned(),
             source,
@@ -161,7 +179,8 @@ impl Store {
             watermark,
         ))
         .abort_handle();
-        Ok(Store {
+        let ledger = ledger::LedgerTrees::open(&db, data_dir, policy)?;
+        let store = Store {
             inner: Arc::new(StoreInner {
                 hub_code: hub_code.to_string(),
                 documents: tree("documents")?,
@@ -174,13 +193,17 @@ impl Store {
                 rejections: tree("rejections")?,
                 dead_letters: tree("dead_letters")?,
                 waiting: tree("waiting")?,
+                ledger_pending: tree("ledger_pending")?,
+                ledger,
                 outbox,
                 outbox_len,
                 group_commit,
                 flusher,
                 db,
             }),
-        })
+        };
+        tokio::spawn(ledger::run_appender(Arc::downgrade(&store.inner)));
+        Ok(store)
     }
 
     /// The underlying database, for components that keep trees of their own (the embedded transport).
@@ -250,10 +273,11 @@ impl Store {
             &inner.outbox,
             &inner.receipts,
             &inner.receipts_by_document,
+            &inner.ledger_pending,
             &inner.waiting,
         )
             .transaction(
-                |(documents, bodies, refs, outbox, receipts, by_document, waiting)| {
+                |(documents, bodies, refs, outbox, receipts, by_document, pending, waiting)| {
                     if let Some(existing) = documents.get(document.id.as_bytes())? {
                         return Ok(Some(existing));
                     }
@@ -289,7 +313,7 @@ impl Store {
                         )?;
                     }
                     for receipt in &accepted {
-                        insert_receipt(receipts, by_document, receipt)?;
+                        insert_receipt(receipts, by_document, pending, receipt)?;
                     }
                     Ok(None)
                 },
@@ -368,9 +392,10 @@ impl Store {
             &inner.outbox,
             &inner.receipts,
             &inner.receipts_by_document,
+            &inner.ledger_pending,
             &inner.waiting,
         )
-            .transaction(|(outbox, receipts_tree, by_document, waiting)| {
+            .transaction(|(outbox, receipts_tree, by_document, pending, waiting)| {
                 for (key, entry) in &entries {
                     outbox.insert(key, entry.as_slice())?;
                 }
@@ -378,7 +403,7 @@ impl Store {
                     waiting.insert(key.as_slice(), &[])?;
                 }
                 for receipt in &receipts {
-                    insert_receipt(receipts_tree, by_document, receipt)?;
+                    insert_receipt(receipts_tree, by_document, pending, receipt)?;
                 }
                 Ok(())
             });
@@ -555,13 +580,14 @@ impl Store {
             &inner.settled,
             &inner.receipts,
             &inner.receipts_by_document,
+            &inner.ledger_pending,
             &inner.waiting,
         )
-            .transaction(|(settled, receipts, by_document, waiting)| {
+            .transaction(|(settled, receipts, by_document, pending, waiting)| {
                 settled.insert(pair.as_slice(), &[])?;
                 waiting.remove(message.waiting_key.as_slice())?;
                 if let Some(receipt) = &receipt {
-                    insert_receipt(receipts, by_document, receipt)?;
+                    insert_receipt(receipts, by_document, pending, receipt)?;
                 }
                 Ok(())
             });
@@ -803,6 +829,7 @@ impl Store {
                 &inner.rejections,
                 &inner.receipts,
                 &inner.receipts_by_document,
+                &inner.ledger_pending,
                 &inner.waiting,
             )
                 .transaction(
@@ -812,6 +839,7 @@ impl Store {
                         rejections,
                         receipts_tree,
                         by_document,
+                        pending,
                         waiting_tree,
                     )| {
                         if dead_letters.remove(&key)?.is_none() {
@@ -823,7 +851,7 @@ impl Store {
                         }
                         rejections.remove(pair.as_slice())?;
                         if let Some(receipt) = &receipt {
-                            insert_receipt(receipts_tree, by_document, receipt)?;
+                            insert_receipt(receipts_tree, by_document, pending, receipt)?;
                         }
                         Ok(true)
                     },
@@ -908,8 +936,14 @@ impl Store {
     ) -> Result<wire::Receipt, StoreError> {
         let inner = &*self.inner;
         let receipt = self.new_receipt(seq, document_id, agency, kind, now_unix_ms, detail);
-        let result = (&inner.receipts, &inner.receipts_by_document)
-            .transaction(|(receipts, by_document)| insert_receipt(receipts, by_document, &receipt));
+        let result = (
+            &inner.receipts,
+            &inner.receipts_by_document,
+            &inner.ledger_pending,
+        )
+            .transaction(|(receipts, by_document, pending)| {
+                insert_receipt(receipts, by_document, pending, &receipt)
+            });
         unwrap_transaction(result)?;
         Ok(receipt)
     }
@@ -941,8 +975,10 @@ impl Store {
 fn insert_receipt(
     receipts: &TransactionalTree,
     by_document: &TransactionalTree,
+    ledger_pending: &TransactionalTree,
     receipt: &wire::Receipt,
 ) -> Result<(), ConflictableTransactionError<StoreError>> {
+    ledger_pending.insert(&receipt.seq.to_be_bytes(), &[])?;
     let mut index_key = receipt.document_id.as_bytes().to_vec();
     index_key.push(0);
     index_key.extend_from_slice(&receipt.seq.to_be_bytes());

@@ -1,0 +1,581 @@
+//! The receipt ledger in sled: one appender moves every new receipt (from `ledger_pending`,
+//! written in the receipt's own transaction) to the next ledger index with its chain hash and
+//! Merkle nodes, and signs checkpoints; queries, proofs, verification and export read it.
+//!
+//! Trees and their keys:
+//! - `ledger`: index BE → `LedgerRecord`; `ledger_pending`: receipt seq BE → () until appended;
+//! - `ledger_nodes`: `level u8 ‖ index BE` → 32-byte hash of that complete Merkle subtree;
+//! - `ledger_checkpoints`: tree size BE → signed `Checkpoint`;
+//! - `ledger_by_seq`: receipt seq BE → index BE; `ledger_by_document`: `id 0x00 index BE` → ();
+//!   `ledger_by_agency`: `agency 0x00 at-ms BE index BE` → (), for the auditors' queries.
+//!
+//! Records are never deleted. The appender is the only writer of these trees, so the ledger
+//! order is the order it took receipts in; a checkpoint is signed only after the records it
+//! covers are flushed, so a crash can never leave a signature over records that were lost.
+
+use super::{Store, StoreError, StoreInner, corrupt, unwrap_transaction};
+use crate::ledger::{self, Frontier, Hash, Nodes, SigningKey};
+use lienthong_proto::v1 as wire;
+use prost::Message;
+use sled::Transactional;
+use std::sync::{Mutex, Weak};
+use std::time::{Duration, Instant};
+
+/// Receipts appended per transaction.
+const APPEND_BATCH: usize = 2048;
+/// How often the appender looks for new receipts.
+const APPEND_TICK: Duration = Duration::from_millis(25);
+
+/// When the hub signs a checkpoint: after `every` new records, or `interval` after the first
+/// record not yet covered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointPolicy {
+    pub every: u64,
+    pub interval: Duration,
+}
+
+impl Default for CheckpointPolicy {
+    fn default() -> Self {
+        CheckpointPolicy {
+            every: 1000,
+            interval: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct LedgerTrees {
+    records: sled::Tree,
+    pending: sled::Tree,
+    nodes: sled::Tree,
+    checkpoints: sled::Tree,
+    by_seq: sled::Tree,
+    by_document: sled::Tree,
+    by_agency: sled::Tree,
+    key: SigningKey,
+    policy: CheckpointPolicy,
+    head: Mutex<Head>,
+}
+
+/// The end of the ledger, as the appender left it.
+#[derive(Debug, Clone)]
+struct Head {
+    frontier: Frontier,
+    chain: Hash,
+    checkpointed: u64,
+    /// When the first record after the last checkpoint was appended.
+    uncovered_since: Option<Instant>,
+}
+
+impl LedgerTrees {
+    pub(super) fn open(
+        db: &sled::Db,
+        data_dir: &std::path::Path,
+        policy: CheckpointPolicy,
+    ) -> Result<LedgerTrees, StoreError> {
+        let records = db.open_tree("ledger")?;
+        let nodes = db.open_tree("ledger_nodes")?;
+        let checkpoints = db.open_tree("ledger_checkpoints")?;
+        let key = SigningKey::load_or_create(data_dir).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "the ledger signing key in {}: {e}",
+                data_dir.display()
+            ))
+        })?;
+        let (size, chain) = match records.last()? {
+            Some((_, value)) => {
+                let record = wire::LedgerRecord::decode(&*value).map_err(corrupt("ledger"))?;
+                (record.index + 1, to_hash(&record.chain_hash)?)
+            }
+            None => (0, ledger::GENESIS),
+        };
+        let frontier = Frontier::restore(&StoredNodes(&nodes), size)?;
+        let checkpointed = match checkpoints.last()? {
+            Some((key, _)) => be_u64(&key)?,
+            None => 0,
+        };
+        Ok(LedgerTrees {
+            records,
+            pending: db.open_tree("ledger_pending")?,
+            nodes,
+            checkpoints,
+            by_seq: db.open_tree("ledger_by_seq")?,
+            by_document: db.open_tree("ledger_by_document")?,
+            by_agency: db.open_tree("ledger_by_agency")?,
+            key,
+            policy,
+            head: Mutex::new(Head {
+                frontier,
+                chain,
+                checkpointed,
+                uncovered_since: (size > checkpointed).then(Instant::now),
+            }),
+        })
+    }
+
+    fn head(&self) -> std::sync::MutexGuard<'_, Head> {
+        self.head.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Complete Merkle subtrees kept in `ledger_nodes`.
+struct StoredNodes<'a>(&'a sled::Tree);
+
+impl Nodes for StoredNodes<'_> {
+    type Error = StoreError;
+
+    fn node(&self, level: u32, index: u64) -> Result<Hash, StoreError> {
+        let value = self.0.get(node_key(level, index))?.ok_or_else(|| {
+            StoreError::Corrupt(format!("ledger node {level}/{index} is missing"))
+        })?;
+        to_hash(&value)
+    }
+}
+
+fn node_key(level: u32, index: u64) -> [u8; 9] {
+    let mut key = [0; 9];
+    key[0] = level as u8;
+    key[1..].copy_from_slice(&index.to_be_bytes());
+    key
+}
+
+fn to_hash(bytes: &[u8]) -> Result<Hash, StoreError> {
+    Hash::try_from(bytes).map_err(|_| StoreError::Corrupt("a ledger hash is not 32 bytes".into()))
+}
+
+fn be_u64(bytes: &[u8]) -> Result<u64, StoreError> {
+    <[u8; 8]>::try_from(bytes)
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt("a ledger key is not 8 bytes".into()))
+}
+
+fn prefixed(text: &str) -> Vec<u8> {
+    let mut key = text.as_bytes().to_vec();
+    key.push(0);
+    key
+}
+
+/// Appends pending receipts and signs checkpoints until the store is dropped.
+pub(super) async fn run_appender(store: Weak<StoreInner>) {
+    loop {
+        tokio::time::sleep(APPEND_TICK).await;
+        let Some(inner) = store.upgrade() else { return };
+        let store = Store { inner };
+        // Batches end at checkpoint boundaries, so that a checkpoint comes every `every` records.
+        loop {
+            let appended = match store.append_pending() {
+                Ok(appended) => appended,
+                Err(error) => {
+                    tracing::error!(%error, "cannot append receipts to the ledger");
+                    break;
+                }
+            };
+            if let Err(error) = store.checkpoint_if_due().await {
+                tracing::error!(%error, "cannot sign a ledger checkpoint");
+                break;
+            }
+            if appended == 0 {
+                break;
+            }
+        }
+    }
+}
+
+/// Which receipts an auditor asks for.
+#[derive(Debug, Clone, Default)]
+pub struct ReceiptFilter {
+    pub document_id: Option<String>,
+    pub agency: Option<String>,
+    pub kind: Option<i32>,
+    pub from_unix_ms: Option<i64>,
+    pub to_unix_ms: Option<i64>,
+}
+
+impl ReceiptFilter {
+    fn matches(&self, receipt: &wire::Receipt) -> bool {
+        self.document_id
+            .as_ref()
+            .is_none_or(|d| *d == receipt.document_id)
+            && self.agency.as_ref().is_none_or(|a| *a == receipt.agency)
+            && self.kind.is_none_or(|k| k == receipt.kind)
+            && self
+                .from_unix_ms
+                .is_none_or(|from| receipt.at_unix_ms >= from)
+            && self.to_unix_ms.is_none_or(|to| receipt.at_unix_ms < to)
+    }
+}
+
+/// What `verify_ledger` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verification {
+    pub records_checked: u64,
+    pub checkpoints_checked: u32,
+    /// The first bad index and what is wrong with it.
+    pub problem: Option<(u64, String)>,
+}
+
+impl Store {
+    fn ledger(&self) -> &LedgerTrees {
+        &self.inner.ledger
+    }
+
+    /// Moves up to one batch of pending receipts into the ledger; returns how many.
+    pub fn append_pending(&self) -> Result<usize, StoreError> {
+        let ledger = self.ledger();
+        let until_checkpoint = {
+            let head = ledger.head();
+            ledger.policy.every - (head.frontier.size() - head.checkpointed) % ledger.policy.every
+        };
+        let batch = APPEND_BATCH.min(usize::try_from(until_checkpoint).unwrap_or(APPEND_BATCH));
+        let mut seqs = Vec::new();
+        for item in ledger.pending.iter().take(batch) {
+            seqs.push(item?.0);
+        }
+        if seqs.is_empty() {
+            return Ok(0);
+        }
+        let mut head = ledger.head();
+        let mut frontier = head.frontier.clone();
+        let mut chain = head.chain;
+        let mut records = Vec::with_capacity(seqs.len());
+        let mut nodes = Vec::with_capacity(seqs.len() * 2);
+        for seq in &seqs {
+            let receipt = match self.inner.receipts.get(seq)? {
+                Some(bytes) => wire::Receipt::decode(&*bytes).map_err(corrupt("receipts"))?,
+                None => {
+                    return Err(StoreError::Corrupt(format!(
+                        "pending ledger entry names receipt #{} which is missing",
+                        be_u64(seq)?
+                    )));
+                }
+            };
+            let index = frontier.size();
+            let leaf = ledger::leaf_hash(index, &receipt);
+            chain = ledger::chain_hash(&chain, &leaf);
+            nodes.extend(frontier.push(leaf));
+            records.push(wire::LedgerRecord {
+                index,
+                receipt: Some(receipt),
+                chain_hash: chain.to_vec(),
+            });
+        }
+        let result = (
+            &ledger.records,
+            &ledger.nodes,
+            &ledger.by_seq,
+            &ledger.by_document,
+            &ledger.by_agency,
+            &ledger.pending,
+        )
+            .transaction(
+                |(tx_records, tx_nodes, by_seq, by_document, by_agency, pending)| {
+                    for record in &records {
+                        let receipt = record.receipt.as_ref().expect("set above");
+                        let index = record.index.to_be_bytes();
+                        tx_records.insert(&index, record.encode_to_vec())?;
+                        by_seq.insert(&receipt.seq.to_be_bytes(), &index)?;
+                        let mut key = prefixed(&receipt.document_id);
+                        key.extend_from_slice(&index);
+                        by_document.insert(key, &[])?;
+                        let mut key = prefixed(&receipt.agency);
+                        key.extend_from_slice(&(receipt.at_unix_ms.max(0) as u64).to_be_bytes());
+                        key.extend_from_slice(&index);
+                        by_agency.insert(key, &[])?;
+                        pending.remove(&receipt.seq.to_be_bytes())?;
+                    }
+                    for (level, index, hash) in &nodes {
+                        tx_nodes.insert(&node_key(*level, *index), hash)?;
+                    }
+                    Ok(())
+                },
+            );
+        unwrap_transaction(result)?;
+        head.frontier = frontier;
+        head.chain = chain;
+        head.uncovered_since.get_or_insert_with(Instant::now);
+        Ok(records.len())
+    }
+
+    /// Signs a checkpoint when the policy says so; returns it if one was made.
+    pub async fn checkpoint_if_due(&self) -> Result<Option<wire::Checkpoint>, StoreError> {
+        let ledger = self.ledger();
+        let due = {
+            let head = ledger.head();
+            let uncovered = head.frontier.size() - head.checkpointed;
+            uncovered > 0
+                && (uncovered >= ledger.policy.every
+                    || head
+                        .uncovered_since
+                        .is_some_and(|since| since.elapsed() >= ledger.policy.interval))
+        };
+        if !due {
+            return Ok(None);
+        }
+        self.checkpoint().await.map(Some)
+    }
+
+    /// Signs a checkpoint of the whole ledger now (after flushing the records it covers).
+    pub async fn checkpoint(&self) -> Result<wire::Checkpoint, StoreError> {
+        let ledger = self.ledger();
+        let head = ledger.head().clone();
+        let size = head.frontier.size();
+        if size == head.checkpointed
+            && let Some(existing) = self.newest_checkpoint()?
+        {
+            return Ok(existing);
+        }
+        // The records must be on disk before a signature vouches for them.
+        self.durable().await?;
+        let mut checkpoint = wire::Checkpoint {
+            hub: self.inner.hub_code.clone(),
+            tree_size: size,
+            root_hash: head.frontier.root().unwrap_or_default().to_vec(),
+            chain_hash: head.chain.to_vec(),
+            at_unix_ms: crate::hub::now_unix_ms(),
+            signature: Vec::new(),
+        };
+        ledger.key.sign(&mut checkpoint);
+        ledger
+            .checkpoints
+            .insert(size.to_be_bytes(), checkpoint.encode_to_vec())?;
+        let mut current = ledger.head();
+        current.checkpointed = current.checkpointed.max(size);
+        if current.frontier.size() == size {
+            current.uncovered_since = None;
+        }
+        Ok(checkpoint)
+    }
+
+    /// The hub's Ed25519 public key (raw 32 bytes).
+    pub fn ledger_public_key(&self) -> Vec<u8> {
+        self.ledger().key.public_key()
+    }
+
+    /// Records in the ledger.
+    pub fn ledger_size(&self) -> u64 {
+        self.ledger().head().frontier.size()
+    }
+
+    /// Receipts written and not yet in the ledger.
+    pub fn ledger_pending(&self) -> u64 {
+        self.ledger().pending.len() as u64
+    }
+
+    pub fn newest_checkpoint(&self) -> Result<Option<wire::Checkpoint>, StoreError> {
+        self.ledger()
+            .checkpoints
+            .last()?
+            .map(|(_, v)| wire::Checkpoint::decode(&*v).map_err(corrupt("ledger_checkpoints")))
+            .transpose()
+    }
+
+    pub fn ledger_record(&self, index: u64) -> Result<Option<wire::LedgerRecord>, StoreError> {
+        self.ledger()
+            .records
+            .get(index.to_be_bytes())?
+            .map(|v| wire::LedgerRecord::decode(&*v).map_err(corrupt("ledger")))
+            .transpose()
+    }
+
+    /// The ledger index of the receipt `seq`, once appended.
+    pub fn ledger_index_of(&self, seq: u64) -> Result<Option<u64>, StoreError> {
+        self.ledger()
+            .by_seq
+            .get(seq.to_be_bytes())?
+            .map(|v| be_u64(&v))
+            .transpose()
+    }
+
+    /// Up to `limit` records matching `filter`, oldest first, starting at the opaque position
+    /// `after` (from a previous page); returns them and the next position, if any.
+    pub fn ledger_records(
+        &self,
+        filter: &ReceiptFilter,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<(Vec<wire::LedgerRecord>, Option<Vec<u8>>), StoreError> {
+        let ledger = self.ledger();
+        // The narrowest index: by document, else by agency (from the start of the time
+        // range), else the ledger itself.
+        let (tree, prefix, start): (&sled::Tree, Vec<u8>, Vec<u8>) =
+            match (&filter.document_id, &filter.agency) {
+                (Some(document), _) => {
+                    let prefix = prefixed(document);
+                    (&ledger.by_document, prefix.clone(), prefix)
+                }
+                (None, Some(agency)) => {
+                    let prefix = prefixed(agency);
+                    let mut start = prefix.clone();
+                    start.extend_from_slice(
+                        &(filter.from_unix_ms.unwrap_or(0).max(0) as u64).to_be_bytes(),
+                    );
+                    (&ledger.by_agency, prefix, start)
+                }
+                (None, None) => (&ledger.records, Vec::new(), Vec::new()),
+            };
+        let start = match after {
+            Some(position) if position.starts_with(&prefix) && position >= start.as_slice() => {
+                position.to_vec()
+            }
+            _ => start,
+        };
+        let mut records = Vec::new();
+        for item in tree.range(start..) {
+            let (key, value) = item?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            if records.len() == limit {
+                return Ok((records, Some(key.to_vec())));
+            }
+            let record = if prefix.is_empty() {
+                wire::LedgerRecord::decode(&*value).map_err(corrupt("ledger"))?
+            } else {
+                let index = be_u64(&key[key.len() - 8..])?;
+                self.ledger_record(index)?.ok_or_else(|| {
+                    StoreError::Corrupt(format!("a ledger index names missing record {index}"))
+                })?
+            };
+            let receipt = record.receipt.as_ref().ok_or_else(|| {
+                StoreError::Corrupt(format!("ledger record {} has no receipt", record.index))
+            })?;
+            if filter.agency.is_some()
+                && filter.document_id.is_none()
+                && filter.to_unix_ms.is_some_and(|to| receipt.at_unix_ms >= to)
+            {
+                break;
+            }
+            if filter.matches(receipt) {
+                records.push(record);
+            }
+        }
+        Ok((records, None))
+    }
+
+    /// The inclusion proof of record `index` against the newest checkpoint covering it.
+    pub fn ledger_proof(
+        &self,
+        index: u64,
+    ) -> Result<Option<(wire::LedgerRecord, Vec<Hash>, wire::Checkpoint)>, StoreError> {
+        let Some(record) = self.ledger_record(index)? else {
+            return Ok(None);
+        };
+        let Some(checkpoint) = self.newest_checkpoint()? else {
+            return Ok(None);
+        };
+        if checkpoint.tree_size <= index {
+            return Ok(None);
+        }
+        let proof = ledger::inclusion_proof(
+            &StoredNodes(&self.ledger().nodes),
+            index,
+            checkpoint.tree_size,
+        )?;
+        Ok(Some((record, proof, checkpoint)))
+    }
+
+    /// Checkpoints whose size is in `(from, to]`, oldest first.
+    pub fn ledger_checkpoints(
+        &self,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<wire::Checkpoint>, StoreError> {
+        let mut checkpoints = Vec::new();
+        for item in self
+            .ledger()
+            .checkpoints
+            .range((from + 1).to_be_bytes()..=to.to_be_bytes())
+        {
+            let (_, value) = item?;
+            checkpoints
+                .push(wire::Checkpoint::decode(&*value).map_err(corrupt("ledger_checkpoints"))?);
+        }
+        Ok(checkpoints)
+    }
+
+    /// Re-verifies records `[from, to)`: their chain, and the checkpoints they reach (signature,
+    /// chain hash, and, when `from` is 0, Merkle root).
+    pub fn verify_ledger(&self, from: u64, to: u64) -> Result<Verification, StoreError> {
+        let to = to.min(self.ledger_size());
+        let mut chain = match from {
+            0 => ledger::GENESIS,
+            _ => match self.ledger_record(from - 1)? {
+                Some(record) => to_hash(&record.chain_hash)?,
+                None => ledger::GENESIS,
+            },
+        };
+        let checkpoints = self.ledger_checkpoints(from, to)?;
+        let mut checkpoints = checkpoints.iter().peekable();
+        let public_key = self.ledger_public_key();
+        let mut frontier = (from == 0).then(Frontier::default);
+        let mut verification = Verification {
+            records_checked: 0,
+            checkpoints_checked: 0,
+            problem: None,
+        };
+        for item in self
+            .ledger()
+            .records
+            .range(from.to_be_bytes()..to.to_be_bytes())
+        {
+            let (key, value) = item?;
+            let expected = from + verification.records_checked;
+            let checked = verification.clone();
+            let fail = |problem: String| {
+                Ok(Verification {
+                    problem: Some((expected, problem)),
+                    ..checked
+                })
+            };
+            let Ok(record) = wire::LedgerRecord::decode(&*value) else {
+                return fail("the record is unreadable".into());
+            };
+            if be_u64(&key)? != expected || record.index != expected {
+                return fail(format!(
+                    "found record {} where {expected} belongs",
+                    record.index
+                ));
+            }
+            let Some(receipt) = &record.receipt else {
+                return fail("the record has no receipt".into());
+            };
+            let leaf = ledger::leaf_hash(expected, receipt);
+            chain = ledger::chain_hash(&chain, &leaf);
+            if record.chain_hash != chain {
+                return fail("its content does not match its chain hash".into());
+            }
+            if let Some(frontier) = &mut frontier {
+                frontier.push(leaf);
+            }
+            verification.records_checked += 1;
+            while let Some(checkpoint) = checkpoints.next_if(|c| c.tree_size == expected + 1) {
+                verification.checkpoints_checked += 1;
+                if !ledger::checkpoint_signature_valid(checkpoint, &public_key) {
+                    return fail(format!(
+                        "checkpoint {}: bad signature",
+                        checkpoint.tree_size
+                    ));
+                }
+                if checkpoint.chain_hash != chain {
+                    return fail(format!(
+                        "checkpoint {}: chain differs",
+                        checkpoint.tree_size
+                    ));
+                }
+                if let Some(frontier) = &frontier
+                    && frontier.root().map(|r| r.to_vec()) != Some(checkpoint.root_hash.clone())
+                {
+                    return fail(format!(
+                        "checkpoint {}: Merkle root differs",
+                        checkpoint.tree_size
+                    ));
+                }
+            }
+        }
+        if from + verification.records_checked < to {
+            let missing = from + verification.records_checked;
+            verification.problem = Some((missing, "the record is missing".into()));
+        }
+        Ok(verification)
+    }
+}
