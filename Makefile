@@ -25,9 +25,10 @@ chaos: rabbitmq
 	LIENTHONG_CHAOS_SCALE=full $(CARGO) test --release --workspace --test chaos -- --test-threads=1 --nocapture \
 		> target/chaos.log 2>&1; status=$$?; grep -E '^(scenario|test result|error)' target/chaos.log; exit $$status
 
-## Benchmarks (release build).
+## Benchmarks (release build): the hub against RabbitMQ itself, then the receipt ledger at
+## 1,000,000 receipts. Results in target/bench/*.json.
 bench: rabbitmq
-	$(CARGO) bench -p lienthong --bench exchange
+	$(CARGO) bench -p lienthong --bench exchange --bench ledger
 
 fmt:
 	$(CARGO) fmt --all

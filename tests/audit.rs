@@ -479,3 +479,65 @@ async fn the_ledger_continues_intact_after_a_restart() {
     assert_eq!(verified.records_checked, after.size);
     hub.finish().await;
 }
+
+/// The recall flow and a revocation, as the ledger and `Track` show them: the recall request
+/// (`13`) from the sender and its answer (`15`) are receipts of the original; the revoking
+/// document names the original and `Track` on the original lists it.
+#[tokio::test]
+async fn recalls_and_revocations_are_visible_on_the_original() {
+    let hub = TestHub::start("ledger-flows", HubOptions::new(TransportKind::Embedded)).await;
+    let mut commune = hub.client(COMMUNE).await;
+    let mut district = hub.client(DISTRICT).await;
+    let original = send(&mut commune, document(COMMUNE, &[DISTRICT], "quyết định")).await;
+    let report = |from: &str, code: &str| wire::StatusReport {
+        document_id: original.clone(),
+        status_code: code.into(),
+        description: format!("{code} from {from}"),
+        ..Default::default()
+    };
+    commune
+        .report_status(report(COMMUNE, "13"))
+        .await
+        .expect("the sender requests a recall");
+    district
+        .report_status(report(DISTRICT, "15"))
+        .await
+        .expect("the recipient agrees");
+    let mut revocation = document(COMMUNE, &[DISTRICT], "thu hồi quyết định");
+    revocation.business_type = wire::BusinessType::Revoke as i32;
+    revocation.references_document_id = original.clone();
+    let revoking = send(&mut commune, revocation).await;
+
+    let trace = track(&mut commune, &original).await;
+    assert_eq!(trace.referenced_by.len(), 1, "{trace:?}");
+    let reference = &trace.referenced_by[0];
+    assert_eq!(reference.document_id, revoking);
+    assert_eq!(reference.business_type(), wire::BusinessType::Revoke);
+    assert_eq!(reference.from, COMMUNE);
+
+    settled_ledger(&hub).await;
+    let statuses = audit_client(&hub, AUDITOR)
+        .await
+        .list_receipts(wire::ListReceiptsRequest {
+            document_id: original.clone(),
+            kind: wire::ReceiptKind::StatusReported as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    let flow: Vec<(String, String)> = statuses
+        .records
+        .iter()
+        .filter_map(|r| r.receipt.as_ref())
+        .map(|r| (r.status_code.clone(), r.reported_by.clone()))
+        .collect();
+    assert_eq!(
+        flow,
+        [
+            ("13".to_owned(), COMMUNE.to_owned()),
+            ("15".to_owned(), DISTRICT.to_owned())
+        ]
+    );
+    hub.finish().await;
+}

@@ -405,6 +405,18 @@ async fn track(args: TrackArgs) -> anyhow::Result<()> {
             println!("    {}", describe_receipt(receipt));
         }
     }
+    for reference in &response.referenced_by {
+        println!(
+            "  {} by {}: {}",
+            reference
+                .business_type()
+                .as_str_name()
+                .trim_start_matches("BUSINESS_TYPE_")
+                .to_lowercase(),
+            reference.from,
+            reference.document_id
+        );
+    }
     Ok(())
 }
 

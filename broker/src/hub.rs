@@ -702,9 +702,22 @@ impl<T: Transport> Hub<T> {
                 }
             })
             .collect();
+        let referenced_by = self
+            .inner
+            .store
+            .referencing_documents(document_id)?
+            .into_iter()
+            .map(|referencing| wire::DocumentReference {
+                document_id: referencing.document_id,
+                business_type: referencing.business_type,
+                from: referencing.from,
+                accepted_at_unix_ms: referencing.accepted_at_unix_ms,
+            })
+            .collect();
         Ok(wire::TrackResponse {
             document_id: document_id.to_owned(),
             recipients,
+            referenced_by,
         })
     }
 

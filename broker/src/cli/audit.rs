@@ -72,8 +72,8 @@ pub struct ReceiptsArgs {
     #[arg(long, default_value = "")]
     pub document: String,
     /// The agency the receipts are about.
-    #[arg(long, default_value = "")]
-    pub agency: String,
+    #[arg(long = "agency", default_value = "")]
+    pub about_agency: String,
     /// ACCEPTED, ENQUEUED, DELIVERED, ACKNOWLEDGED, REJECTED, DEAD_LETTERED, STATUS_REPORTED, REPLAYED.
     #[arg(long)]
     pub kind: Option<String>,
@@ -215,7 +215,7 @@ async fn receipts(args: ReceiptsArgs) -> anyhow::Result<()> {
         let page = audit
             .list_receipts(wire::ListReceiptsRequest {
                 document_id: args.document.clone(),
-                agency: args.agency.clone(),
+                agency: args.about_agency.clone(),
                 kind,
                 from_unix_ms,
                 to_unix_ms,

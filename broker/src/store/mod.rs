@@ -16,6 +16,8 @@
 //! - `waiting`: `recipient 0x00 urgency accepted-at BE message id` → () for every message accepted
 //!   and not yet acknowledged or dead-lettered, so that the oldest one per recipient and urgency
 //!   is one prefix lookup (the age operators alert on);
+//! - `references`: `original id 0x00 referencing id` → () for revoke, update and replace
+//!   documents, so that `Track` on the original lists them;
 //! - the ledger's trees (`ledger*`), described in [`ledger`].
 
 mod ledger;
@@ -120,6 +122,7 @@ struct StoreInner {
     rejections: sled::Tree,
     dead_letters: sled::Tree,
     waiting: sled::Tree,
+    references: sled::Tree,
     /// Receipts not yet in the ledger (see [`ledger`]), written with each receipt.
     ledger_pending: sled::Tree,
     ledger: ledger::LedgerTrees,
@@ -193,6 +196,7 @@ impl Store {
                 rejections: tree("rejections")?,
                 dead_letters: tree("dead_letters")?,
                 waiting: tree("waiting")?,
+                references: tree("references")?,
                 ledger_pending: tree("ledger_pending")?,
                 ledger,
                 outbox,
@@ -242,6 +246,8 @@ impl Store {
             content_sha256: document.content_sha256.to_vec(),
             accepted_at_unix_ms: now_unix_ms,
             priority: u32::from(document.urgency.value()),
+            business_type: document.wire.business_type,
+            references_document_id: document.wire.references_document_id.clone(),
         }
         .encode_to_vec();
         let body = document.wire.encode_to_vec();
@@ -275,13 +281,30 @@ impl Store {
             &inner.receipts_by_document,
             &inner.ledger_pending,
             &inner.waiting,
+            &inner.references,
         )
             .transaction(
-                |(documents, bodies, refs, outbox, receipts, by_document, pending, waiting)| {
+                |(
+                    documents,
+                    bodies,
+                    refs,
+                    outbox,
+                    receipts,
+                    by_document,
+                    pending,
+                    waiting,
+                    references,
+                )| {
                     if let Some(existing) = documents.get(document.id.as_bytes())? {
                         return Ok(Some(existing));
                     }
                     documents.insert(document.id.as_bytes(), stored.as_slice())?;
+                    if !document.wire.references_document_id.is_empty() {
+                        let mut key = document.wire.references_document_id.as_bytes().to_vec();
+                        key.push(0);
+                        key.extend_from_slice(document.id.as_bytes());
+                        references.insert(key, &[])?;
+                    }
                     bodies.insert(document.id.as_bytes(), body.as_slice())?;
                     refs.insert(
                         document.id.as_bytes(),
@@ -903,6 +926,25 @@ impl Store {
             .get(document_id.as_bytes())?
             .map(|v| wire::StoredDocument::decode(&*v).map_err(corrupt("documents")))
             .transpose()
+    }
+
+    /// The documents that reference `document_id` (revoke, update, replace), oldest first.
+    pub fn referencing_documents(
+        &self,
+        document_id: &str,
+    ) -> Result<Vec<wire::StoredDocument>, StoreError> {
+        let mut prefix = document_id.as_bytes().to_vec();
+        prefix.push(0);
+        let mut found = Vec::new();
+        for item in self.inner.references.scan_prefix(&prefix) {
+            let (key, _) = item?;
+            let referencing = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            if let Some(document) = self.document(&referencing)? {
+                found.push(document);
+            }
+        }
+        found.sort_by_key(|d| d.accepted_at_unix_ms);
+        Ok(found)
     }
 
     /// Every receipt of a document, in sequence order.
