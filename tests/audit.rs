@@ -541,3 +541,138 @@ async fn recalls_and_revocations_are_visible_on_the_original() {
     );
     hub.finish().await;
 }
+
+/// An archived range leaves the database for a file that verifies on its own; what stays in
+/// the database still verifies, exports from the archive mark, and grows.
+#[tokio::test]
+async fn an_archived_range_verifies_from_its_file_and_the_rest_from_the_hub() {
+    let options = HubOptions {
+        checkpoint_every: 8,
+        ..HubOptions::new(TransportKind::Embedded)
+    };
+    let hub = TestHub::start("ledger-archive", options).await;
+    exchange_some_documents(&hub, 5).await;
+    let info = settled_ledger(&hub).await;
+    assert!(info.size >= 20, "{}", info.size);
+    let key = hex::encode(&info.public_key);
+
+    let denied = lienthong(&[
+        "audit",
+        "archive",
+        "--endpoint",
+        &hub.endpoint,
+        "--as",
+        COMMUNE,
+        "--up-to",
+        "12",
+    ])
+    .await;
+    assert!(!denied.status.success(), "only operators archive");
+    let archived = lienthong(&[
+        "audit",
+        "archive",
+        "--endpoint",
+        &hub.endpoint,
+        "--as",
+        PROVINCE,
+        "--up-to",
+        "12",
+    ])
+    .await;
+    let said = String::from_utf8_lossy(&archived.stdout);
+    assert!(
+        archived.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&archived.stderr)
+    );
+    let archive = hub
+        .files
+        .data_dir()
+        .join("ledger-archive/ledger-000000000000-000000000008.jsonl");
+    assert!(
+        said.contains("archived records 0..8"),
+        "up to the checkpoint at 8: {said}"
+    );
+    let verified = lienthong(&[
+        "audit",
+        "verify",
+        archive.to_str().expect("path"),
+        "--public-key",
+        &key,
+    ])
+    .await;
+    assert!(
+        String::from_utf8_lossy(&verified.stdout).contains("ok: 8 records"),
+        "{}{}",
+        String::from_utf8_lossy(&verified.stdout),
+        String::from_utf8_lossy(&verified.stderr)
+    );
+
+    let mut auditor = audit_client(&hub, AUDITOR).await;
+    let gone = auditor
+        .get_proof(wire::GetProofRequest {
+            index: 3,
+            receipt_seq: 0,
+        })
+        .await
+        .expect_err("record 3 is archived");
+    assert_eq!(gone.code(), Code::NotFound);
+    assert!(gone.message().contains("archived"), "{}", gone.message());
+    let listed = auditor
+        .list_receipts(wire::ListReceiptsRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(
+        listed.records[0].index, 8,
+        "listing starts after the archive"
+    );
+
+    exchange_some_documents(&hub, 2).await;
+    let after = settled_ledger(&hub).await;
+    assert_eq!(after.archived_before, 8);
+    let check = auditor
+        .verify_ledger(wire::VerifyLedgerRequest::default())
+        .await
+        .expect("verify")
+        .into_inner();
+    assert!(check.ok, "{check:?}");
+    assert_eq!(check.records_checked, after.size - 8);
+
+    let rest = hub.files.dir.path().join("rest.jsonl");
+    let exported = lienthong(&[
+        "audit",
+        "export",
+        "--endpoint",
+        &hub.endpoint,
+        "--as",
+        AUDITOR,
+        "--from",
+        "8",
+        "--out",
+        rest.to_str().expect("path"),
+    ])
+    .await;
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    let verified = lienthong(&[
+        "audit",
+        "verify",
+        rest.to_str().expect("path"),
+        "--public-key",
+        &key,
+    ])
+    .await;
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    hub.finish().await;
+}

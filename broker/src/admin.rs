@@ -1,5 +1,5 @@
 //! The operators' use cases: queue statistics, dead letters and their replay, reloading the
-//! agency directory. Only identities listed in `[access] operators` may call them.
+//! agency directory, archiving old ledger ranges. Only identities listed in `[access] operators` may call them.
 
 use crate::agency::AgencyCode;
 use crate::directory::AgencyDirectory;
@@ -164,6 +164,27 @@ impl<T: Transport> Hub<T> {
             agencies,
             added: added.iter().map(ToString::to_string).collect(),
             removed: removed.iter().map(ToString::to_string).collect(),
+        })
+    }
+
+    /// Archives the oldest ledger records into a verified file under `[ledger] archive_dir`.
+    pub async fn archive_ledger(
+        &self,
+        caller: &AgencyCode,
+        up_to: u64,
+    ) -> Result<wire::ArchiveLedgerResponse, HubError> {
+        self.require_operator(caller, "ArchiveLedger")?;
+        let store = self.store().clone();
+        let dir = self.config().archive_dir.clone();
+        let archive = tokio::task::spawn_blocking(move || store.archive_ledger(up_to, &dir))
+            .await
+            .map_err(|e| HubError::Unavailable(format!("archiving stopped: {e}")))??;
+        tracing::info!(operator = %caller, path = %archive.path.display(), from = archive.from, to = archive.to, "ledger range archived");
+        Ok(wire::ArchiveLedgerResponse {
+            path: archive.path.display().to_string(),
+            from_index: archive.from,
+            to_index: archive.to,
+            checkpoints: archive.checkpoints,
         })
     }
 }

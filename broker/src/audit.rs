@@ -98,8 +98,15 @@ impl<T: Transport> Hub<T> {
         } else {
             request.index
         };
+        let archived_before = self.store().archived_before()?;
         let record = self.store().ledger_record(index)?.ok_or_else(|| {
-            HubError::NotFound(format!("index: the ledger has no record {index}"))
+            if index < archived_before {
+                HubError::NotFound(format!(
+                    "index: record {index} is archived in a file under [ledger] archive_dir (records before {archived_before}); it verifies there with `lienthong audit verify`"
+                ))
+            } else {
+                HubError::NotFound(format!("index: the ledger has no record {index}"))
+            }
         })?;
         if !self.is_auditor(caller) {
             let document_id = record
@@ -159,6 +166,12 @@ impl<T: Transport> Hub<T> {
         to: u64,
     ) -> Result<(u64, u64), HubError> {
         self.require_auditor(caller, "ExportLedger")?;
+        let archived_before = self.store().archived_before()?;
+        if from < archived_before {
+            return Err(HubError::FailedPrecondition(format!(
+                "from_index: records before {archived_before} are archived in files under [ledger] archive_dir; export from {archived_before}"
+            )));
+        }
         let checkpointed = self.store().newest_checkpoint()?.map_or(0, |c| c.tree_size);
         let to = if to == 0 {
             checkpointed
@@ -170,11 +183,14 @@ impl<T: Transport> Hub<T> {
 
     /// The public key and the newest checkpoint; for any caller.
     pub fn ledger_info(&self) -> Result<wire::GetLedgerInfoResponse, HubError> {
+        let archived_before = self.store().archived_before()?;
         Ok(wire::GetLedgerInfoResponse {
             hub: self.config().hub_code.to_string(),
             public_key: self.store().ledger_public_key(),
             size: self.store().ledger_size(),
             checkpoint: self.store().newest_checkpoint()?,
+            archived_before,
+            archived_chain_hash: self.store().chain_before(archived_before)?.to_vec(),
         })
     }
 }

@@ -29,6 +29,8 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     /// When the receipt ledger signs checkpoints.
     pub checkpoints: crate::store::CheckpointPolicy,
+    /// Where `ArchiveLedger` writes archived ledger ranges.
+    pub archive_dir: PathBuf,
 }
 
 /// Logs, traces and the sampling behind the status page and queue rates.
@@ -143,6 +145,7 @@ struct ConfigToml {
 struct LedgerToml {
     checkpoint_every: u64,
     checkpoint_interval_ms: u64,
+    archive_dir: String,
 }
 
 impl Default for LedgerToml {
@@ -150,6 +153,7 @@ impl Default for LedgerToml {
         LedgerToml {
             checkpoint_every: 1000,
             checkpoint_interval_ms: 5000,
+            archive_dir: String::new(),
         }
     }
 }
@@ -353,6 +357,7 @@ impl Config {
                 LedgerToml {
                     checkpoint_every,
                     checkpoint_interval_ms,
+                    archive_dir,
                 },
             telemetry:
                 TelemetryToml {
@@ -445,7 +450,13 @@ impl Config {
         if checkpoint_interval_ms == 0 {
             return Err("[ledger] checkpoint_interval_ms: must be greater than 0".into());
         }
+        let archive_dir = if archive_dir.is_empty() {
+            data_dir.join("ledger-archive")
+        } else {
+            PathBuf::from(archive_dir)
+        };
         Ok(Config {
+            archive_dir,
             operators,
             auditors,
             checkpoints: crate::store::CheckpointPolicy {

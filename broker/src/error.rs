@@ -57,6 +57,7 @@ impl From<HubError> for tonic::Status {
             HubError::AlreadyExists(_) => tonic::Status::already_exists(message),
             HubError::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
             HubError::Unavailable(_) => tonic::Status::unavailable(message),
+            HubError::Store(StoreError::Nothing(_)) => tonic::Status::failed_precondition(message),
             HubError::Store(_) => {
                 tracing::error!(%message, "storage failure");
                 tonic::Status::internal(format!("storage failure: {message}"))

@@ -172,6 +172,17 @@ impl<T: Transport> lienthong_proto::v1::admin_server::Admin for AdminService<T> 
         let caller = caller_identity(&request)?;
         Ok(Response::new(self.hub.reload_directory(&caller).await?))
     }
+
+    async fn archive_ledger(
+        &self,
+        request: Request<wire::ArchiveLedgerRequest>,
+    ) -> Result<Response<wire::ArchiveLedgerResponse>, Status> {
+        let caller = caller_identity(&request)?;
+        let up_to = request.into_inner().up_to;
+        Ok(Response::new(
+            self.hub.archive_ledger(&caller, up_to).await?,
+        ))
+    }
 }
 
 /// The `Audit` service over a hub: the receipt ledger, read-only.

@@ -56,6 +56,15 @@ pub enum AuditCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Operators: moves the oldest records (up to a signed checkpoint) out of the hub's database
+    /// into a verified file under `[ledger] archive_dir` on the hub's disk.
+    Archive {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Archive up to the newest checkpoint at or below this ledger size.
+        #[arg(long)]
+        up_to: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -137,6 +146,19 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
                     .trim_start_matches("RECEIPT_KIND_"),
                 receipt.agency,
                 receipt.document_id
+            );
+            Ok(())
+        }
+        AuditCommand::Archive { client, up_to } => {
+            let mut admin = crate::client::connect_admin(&client.endpoint, &client.agency).await?;
+            let archived = admin
+                .archive_ledger(wire::ArchiveLedgerRequest { up_to })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!(
+                "archived records {}..{} ({} checkpoints) to {}",
+                archived.from_index, archived.to_index, archived.checkpoints, archived.path
             );
             Ok(())
         }
@@ -294,6 +316,9 @@ async fn export_file(client: ClientArgs, out: PathBuf, from: u64, to: u64) -> an
         .into_inner();
     let previous_chain = if from == 0 {
         ledger::GENESIS
+    } else if from == info.archived_before {
+        ledger::Hash::try_from(info.archived_chain_hash.as_slice())
+            .context("the hub sent an archive chain hash that is not 32 bytes")?
     } else {
         let mut before = audit
             .export_ledger(wire::ExportLedgerRequest {

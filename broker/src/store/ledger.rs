@@ -9,7 +9,13 @@
 //! - `ledger_by_seq`: receipt seq BE → index BE; `ledger_by_document`: `id 0x00 index BE` → ();
 //!   `ledger_by_agency`: `agency 0x00 at-ms BE index BE` → (), for the auditors' queries.
 //!
-//! Records are never deleted. The appender is the only writer of these trees, so the ledger
+//! - `ledger_meta`: `archived_before` → index BE, `archived_chain` → the chain hash of the last
+//!   archived record.
+//!
+//! Records are never deleted, but old ranges can be archived: written to a file in the export
+//! format (ending at a signed checkpoint), the file verified, then the range removed from the
+//! database. Merkle nodes stay, so roots and later checkpoints still verify from the database
+//! alone; the archived records verify from their file. The appender is the only writer of these trees, so the ledger
 //! order is the order it took receipts in; a checkpoint is signed only after the records it
 //! covers are flushed, so a crash can never leave a signature over records that were lost.
 
@@ -52,6 +58,7 @@ pub(super) struct LedgerTrees {
     by_seq: sled::Tree,
     by_document: sled::Tree,
     by_agency: sled::Tree,
+    meta: sled::Tree,
     key: SigningKey,
     policy: CheckpointPolicy,
     head: Mutex<Head>,
@@ -102,6 +109,7 @@ impl LedgerTrees {
             by_seq: db.open_tree("ledger_by_seq")?,
             by_document: db.open_tree("ledger_by_document")?,
             by_agency: db.open_tree("ledger_by_agency")?,
+            meta: db.open_tree("ledger_meta")?,
             key,
             policy,
             head: Mutex::new(Head {
@@ -116,6 +124,10 @@ impl LedgerTrees {
     fn head(&self) -> std::sync::MutexGuard<'_, Head> {
         self.head.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+fn ledger_nodes(store: &Store) -> sled::Tree {
+    store.ledger().nodes.clone()
 }
 
 /// Complete Merkle subtrees kept in `ledger_nodes`.
@@ -204,6 +216,18 @@ impl ReceiptFilter {
             && self.to_unix_ms.is_none_or(|to| receipt.at_unix_ms < to)
     }
 }
+
+/// What `archive_ledger` wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Archive {
+    pub path: std::path::PathBuf,
+    pub from: u64,
+    pub to: u64,
+    pub checkpoints: u64,
+}
+
+const ARCHIVED_BEFORE: &[u8] = b"archived_before";
+const ARCHIVED_CHAIN: &[u8] = b"archived_chain";
 
 /// What `verify_ledger` found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -493,21 +517,141 @@ impl Store {
         Ok(checkpoints)
     }
 
-    /// Re-verifies records `[from, to)`: their chain, and the checkpoints they reach (signature,
-    /// chain hash, and, when `from` is 0, Merkle root).
+    /// Records before this index are archived in files (0 when none are).
+    pub fn archived_before(&self) -> Result<u64, StoreError> {
+        self.ledger()
+            .meta
+            .get(ARCHIVED_BEFORE)?
+            .map_or(Ok(0), |v| be_u64(&v))
+    }
+
+    /// The chain hash of record `index - 1` (the genesis hash for 0), from the database or,
+    /// for the last archived record, from the archive mark.
+    pub fn chain_before(&self, index: u64) -> Result<Hash, StoreError> {
+        if index == 0 {
+            return Ok(ledger::GENESIS);
+        }
+        if let Some(record) = self.ledger_record(index - 1)? {
+            return to_hash(&record.chain_hash);
+        }
+        if index == self.archived_before()?
+            && let Some(chain) = self.ledger().meta.get(ARCHIVED_CHAIN)?
+        {
+            return to_hash(&chain);
+        }
+        Err(StoreError::Corrupt(format!(
+            "the chain hash before record {index} is neither in the ledger nor at the archive mark"
+        )))
+    }
+
+    /// Archives the records from the last archive mark up to the newest checkpoint at or below
+    /// `up_to` into a file in `dir`, verifies the file, then removes those records (and their
+    /// query indexes) from the database.
+    pub fn archive_ledger(&self, up_to: u64, dir: &std::path::Path) -> Result<Archive, StoreError> {
+        let ledger = self.ledger();
+        let from = self.archived_before()?;
+        let to = match ledger.checkpoints.range(..=up_to.to_be_bytes()).next_back() {
+            Some(item) => be_u64(&item?.0)?,
+            None => 0,
+        };
+        if to <= from {
+            return Err(StoreError::Nothing(format!(
+                "no signed checkpoint between the archive mark ({from}) and {up_to}: nothing to archive"
+            )));
+        }
+        let io =
+            |e: std::io::Error| StoreError::Corrupt(format!("archive in {}: {e}", dir.display()));
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let path = dir.join(format!("ledger-{from:012}-{to:012}.jsonl"));
+        let staged = path.with_extension("partial");
+        let previous = self.chain_before(from)?;
+        let public_key = self.ledger_public_key();
+        let mut text =
+            ledger::export::header_line(&self.inner.hub_code, &public_key, from, &previous);
+        text.push('\n');
+        let mut checkpoints = self.ledger_checkpoints(from, to)?.into_iter().peekable();
+        let mut written_checkpoints = 0;
+        for index in from..to {
+            let record = self
+                .ledger_record(index)?
+                .ok_or_else(|| StoreError::Corrupt(format!("ledger record {index} is missing")))?;
+            text.push_str(&ledger::export::record_line(&record));
+            text.push('\n');
+            while let Some(checkpoint) = checkpoints.next_if(|c| c.tree_size == index + 1) {
+                text.push_str(&ledger::export::checkpoint_json(&checkpoint).to_string());
+                text.push('\n');
+                written_checkpoints += 1;
+            }
+        }
+        {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&staged).map_err(io)?;
+            file.write_all(text.as_bytes()).map_err(io)?;
+            file.sync_all().map_err(io)?;
+        }
+        std::fs::rename(&staged, &path).map_err(io)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+        let written = std::fs::read_to_string(&path).map_err(io)?;
+        match ledger::export::verify(&written, &public_key) {
+            Ok(verified) if verified.records == to - from => {}
+            Ok(verified) => {
+                return Err(StoreError::Corrupt(format!(
+                    "archive {} holds {} records, not {}",
+                    path.display(),
+                    verified.records,
+                    to - from
+                )));
+            }
+            Err(problem) => {
+                return Err(StoreError::Corrupt(format!(
+                    "archive {} does not verify: {problem}",
+                    path.display()
+                )));
+            }
+        }
+        // The mark first (durably): a crash before the removals leaves records that reads
+        // below the mark ignore, and the next archive does not write them again.
+        let last_chain = self.chain_before(to)?;
+        ledger.meta.insert(ARCHIVED_CHAIN, last_chain.to_vec())?;
+        ledger.meta.insert(ARCHIVED_BEFORE, &to.to_be_bytes())?;
+        self.inner.db.flush()?;
+        for index in from..to {
+            let Some(record) = self.ledger_record(index)? else {
+                continue;
+            };
+            if let Some(receipt) = &record.receipt {
+                let mut key = prefixed(&receipt.document_id);
+                key.extend_from_slice(&index.to_be_bytes());
+                ledger.by_document.remove(key)?;
+                let mut key = prefixed(&receipt.agency);
+                key.extend_from_slice(&(receipt.at_unix_ms.max(0) as u64).to_be_bytes());
+                key.extend_from_slice(&index.to_be_bytes());
+                ledger.by_agency.remove(key)?;
+                ledger.by_seq.remove(receipt.seq.to_be_bytes())?;
+            }
+            ledger.records.remove(index.to_be_bytes())?;
+        }
+        self.inner.db.flush()?;
+        Ok(Archive {
+            path,
+            from,
+            to,
+            checkpoints: written_checkpoints,
+        })
+    }
+
+    /// Re-verifies records `[from, to)` still in the database (from the archive mark on): their
+    /// chain, and the checkpoints they reach (signature, chain hash, Merkle root).
     pub fn verify_ledger(&self, from: u64, to: u64) -> Result<Verification, StoreError> {
         let to = to.min(self.ledger_size());
-        let mut chain = match from {
-            0 => ledger::GENESIS,
-            _ => match self.ledger_record(from - 1)? {
-                Some(record) => to_hash(&record.chain_hash)?,
-                None => ledger::GENESIS,
-            },
-        };
+        let from = from.max(self.archived_before()?).min(to);
+        let mut chain = self.chain_before(from)?;
         let checkpoints = self.ledger_checkpoints(from, to)?;
         let mut checkpoints = checkpoints.iter().peekable();
         let public_key = self.ledger_public_key();
-        let mut frontier = (from == 0).then(Frontier::default);
+        let mut frontier = Some(Frontier::restore(&StoredNodes(&ledger_nodes(self)), from)?);
         let mut verification = Verification {
             records_checked: 0,
             checkpoints_checked: 0,

@@ -22,7 +22,7 @@
 
 mod ledger;
 
-pub use ledger::{CheckpointPolicy, ReceiptFilter, Verification};
+pub use ledger::{Archive, CheckpointPolicy, ReceiptFilter, Verification};
 
 use crate::agency::AgencyCode;
 use crate::document::Document;
@@ -58,6 +58,9 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("a stored record is unreadable: {0}")]
     Corrupt(String),
+    /// A request that finds nothing to act on (mapped to FAILED_PRECONDITION).
+    #[error("{0}")]
+    Nothing(String),
 }
 
 /// What became of a document handed to [`Store::accept_document`].
