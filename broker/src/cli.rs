@@ -3,7 +3,7 @@
 
 pub mod audit;
 
-use crate::client::{ExchangeClient, connect};
+use crate::client::ExchangeClient;
 use crate::config::Config;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -52,6 +52,22 @@ pub enum Command {
     /// Auditors: the tamper-evident receipt ledger (list, export, verify offline, prove).
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Development certificates for mutual TLS.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Makes a development CA, a hub certificate (localhost, 127.0.0.1) and one client
+    /// certificate per agency of the configuration's directory, as PEM files in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The hub configuration whose hub code and directory to use.
+        #[arg(long, default_value = "config/lienthong.toml")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,9 +129,39 @@ pub struct ClientArgs {
         default_value = "http://127.0.0.1:50051"
     )]
     pub endpoint: String,
-    /// The agency code to act as.
+    /// The agency code to act as (without TLS; with TLS the certificate says who you are).
     #[arg(long = "as", env = "LIENTHONG_AGENCY", value_name = "AGENCY")]
     pub agency: String,
+    /// Mutual TLS: the CA that signed the hub's certificate (use an https:// endpoint).
+    #[arg(long, env = "LIENTHONG_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+    /// Mutual TLS: this client's certificate (its SAN URI names the agency).
+    #[arg(long, env = "LIENTHONG_TLS_CERT", requires = "tls_ca")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, env = "LIENTHONG_TLS_KEY", requires = "tls_ca")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    fn tls(&self) -> Option<crate::tls::ClientTls> {
+        Some(crate::tls::ClientTls {
+            ca_file: self.tls_ca.clone()?,
+            cert_file: self.tls_cert.clone()?,
+            key_file: self.tls_key.clone()?,
+        })
+    }
+
+    async fn exchange(&self) -> anyhow::Result<ExchangeClient> {
+        crate::client::connect_with(&self.endpoint, &self.agency, self.tls().as_ref()).await
+    }
+
+    async fn admin(&self) -> anyhow::Result<crate::client::AdminClient> {
+        crate::client::connect_admin_with(&self.endpoint, &self.agency, self.tls().as_ref()).await
+    }
+
+    async fn audit(&self) -> anyhow::Result<crate::client::AuditClient> {
+        crate::client::connect_audit_with(&self.endpoint, &self.agency, self.tls().as_ref()).await
+    }
 }
 
 #[derive(Debug, Args)]
@@ -202,6 +248,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::DeadLetters(command) => dead_letters(command).await,
         Command::Directory(DirectoryCommand::Reload { client }) => reload_directory(client).await,
         Command::Audit(command) => audit::run(command).await,
+        Command::Certs(CertsCommand::Init { dir, config }) => init_certificates(&dir, &config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -268,7 +315,7 @@ async fn shutdown_signal() {
 }
 
 async fn client(args: &ClientArgs) -> anyhow::Result<ExchangeClient> {
-    connect(&args.endpoint, &args.agency).await
+    args.exchange().await
 }
 
 async fn send(args: SendArgs) -> anyhow::Result<()> {
@@ -421,8 +468,7 @@ async fn track(args: TrackArgs) -> anyhow::Result<()> {
 }
 
 async fn queues(args: QueuesArgs) -> anyhow::Result<()> {
-    let mut admin =
-        crate::client::connect_admin(&args.client.endpoint, &args.client.agency).await?;
+    let mut admin = args.client.admin().await?;
     loop {
         let response = admin
             .list_queues(wire::ListQueuesRequest {})
@@ -521,7 +567,7 @@ async fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<()> {
             recipient,
             limit,
         } => {
-            let mut admin = crate::client::connect_admin(&client.endpoint, &client.agency).await?;
+            let mut admin = client.admin().await?;
             let listed = admin
                 .list_dead_letters(wire::ListDeadLettersRequest {
                     agency: recipient,
@@ -549,7 +595,7 @@ async fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<()> {
             documents,
             step,
         } => {
-            let mut admin = crate::client::connect_admin(&client.endpoint, &client.agency).await?;
+            let mut admin = client.admin().await?;
             let mut replayed = 0u64;
             loop {
                 let response = admin
@@ -578,8 +624,32 @@ async fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn init_certificates(dir: &std::path::Path, config_path: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let directory = crate::directory::AgencyDirectory::load(&config.directory_file)?;
+    let agencies: Vec<_> = directory.codes().cloned().collect();
+    let made = crate::tls::init_certificates(dir, &config.hub_code, &agencies)?;
+    println!("CA            {}", made.ca.display());
+    println!(
+        "hub {}  {} (key {})",
+        config.hub_code,
+        made.hub.cert_file.display(),
+        made.hub.key_file.display()
+    );
+    for (code, cert, _) in &made.agencies {
+        println!("agency {code}  {}", cert.display());
+    }
+    println!(
+        "[tls] cert_file = \"{}\"  key_file = \"{}\"  client_ca_file = \"{}\"",
+        made.hub.cert_file.display(),
+        made.hub.key_file.display(),
+        made.ca.display()
+    );
+    Ok(())
+}
+
 async fn reload_directory(client: ClientArgs) -> anyhow::Result<()> {
-    let mut admin = crate::client::connect_admin(&client.endpoint, &client.agency).await?;
+    let mut admin = client.admin().await?;
     let response = admin
         .reload_directory(wire::ReloadDirectoryRequest {})
         .await

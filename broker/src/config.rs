@@ -31,6 +31,8 @@ pub struct Config {
     pub checkpoints: crate::store::CheckpointPolicy,
     /// Where `ArchiveLedger` writes archived ledger ranges.
     pub archive_dir: PathBuf,
+    /// Mutual TLS for gRPC; `None` runs without authentication (callers named by metadata).
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 /// Logs, traces and the sampling behind the status page and queue rates.
@@ -138,6 +140,16 @@ struct ConfigToml {
     telemetry: TelemetryToml,
     #[serde(default)]
     ledger: LedgerToml,
+    #[serde(default)]
+    tls: TlsToml,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct TlsToml {
+    cert_file: String,
+    key_file: String,
+    client_ca_file: String,
 }
 
 #[derive(Deserialize)]
@@ -359,6 +371,12 @@ impl Config {
                     checkpoint_interval_ms,
                     archive_dir,
                 },
+            tls:
+                TlsToml {
+                    cert_file,
+                    key_file,
+                    client_ca_file,
+                },
             telemetry:
                 TelemetryToml {
                     log_format,
@@ -450,12 +468,30 @@ impl Config {
         if checkpoint_interval_ms == 0 {
             return Err("[ledger] checkpoint_interval_ms: must be greater than 0".into());
         }
+        let tls = match (
+            cert_file.is_empty(),
+            key_file.is_empty(),
+            client_ca_file.is_empty(),
+        ) {
+            (true, true, true) => None,
+            (false, false, false) => Some(crate::tls::TlsFiles {
+                cert_file: cert_file.into(),
+                key_file: key_file.into(),
+                client_ca_file: client_ca_file.into(),
+            }),
+            _ => {
+                return Err(
+                    "[tls]: set cert_file, key_file and client_ca_file together (mutual TLS), or none of them".into(),
+                );
+            }
+        };
         let archive_dir = if archive_dir.is_empty() {
             data_dir.join("ledger-archive")
         } else {
             PathBuf::from(archive_dir)
         };
         Ok(Config {
+            tls,
             archive_dir,
             operators,
             auditors,

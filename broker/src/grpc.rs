@@ -29,8 +29,14 @@ impl<T: Transport> ExchangeService<T> {
     }
 }
 
-/// The caller's agency, from the `x-lienthong-agency` metadata.
+/// The caller's agency: from its client certificate when the connection has one (mutual TLS;
+/// the metadata is then ignored), else from the `x-lienthong-agency` metadata.
 pub fn caller_identity<R>(request: &Request<R>) -> Result<AgencyCode, HubError> {
+    if let Some(certificates) = request.peer_certs()
+        && let Some(leaf) = certificates.first()
+    {
+        return crate::tls::identity_of_certificate(leaf).map_err(HubError::Unauthenticated);
+    }
     let value = request.metadata().get(AGENCY_METADATA_KEY).ok_or_else(|| {
         HubError::Unauthenticated(format!("the `{AGENCY_METADATA_KEY}` metadata is required"))
     })?;

@@ -107,7 +107,7 @@ fn status_document<T: Transport>(
 async fn readyz<T: Transport>(State(hub): State<Hub<T>>) -> impl IntoResponse {
     let connected = hub.transport().is_ready();
     let mut body = format!(
-        "transport: {}\nstore: open, {} messages in the outbox\ndirectory: {} agencies\nwarning: no authentication (identity from x-lienthong-agency metadata)\n",
+        "transport: {}\nstore: open, {} messages in the outbox\ndirectory: {} agencies\n{}\n",
         if connected {
             "connected"
         } else {
@@ -115,6 +115,11 @@ async fn readyz<T: Transport>(State(hub): State<Hub<T>>) -> impl IntoResponse {
         },
         hub.store().outbox_len(),
         hub.directory().len(),
+        if hub.config().tls.is_some() {
+            "authentication: mutual TLS"
+        } else {
+            "warning: no authentication (identity from x-lienthong-agency metadata)"
+        },
     );
     let status = if connected {
         body.insert_str(0, "ready\n");

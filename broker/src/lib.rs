@@ -38,4 +38,5 @@ pub mod server;
 pub mod status;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod transport;

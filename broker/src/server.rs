@@ -110,10 +110,16 @@ async fn serve<T: Transport>(
     shutdown: impl Future<Output = ()> + Send + 'static,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    tracing::warn!(
-        "running without authentication: callers are identified by the `{}` metadata; configure mutual TLS for production",
-        crate::grpc::AGENCY_METADATA_KEY
-    );
+    let tls = match &config.tls {
+        Some(files) => Some(crate::tls::server_config(files)?),
+        None => {
+            tracing::warn!(
+                "running without authentication: callers are identified by the `{}` metadata; configure [tls] (mutual TLS) for production",
+                crate::grpc::AGENCY_METADATA_KEY
+            );
+            None
+        }
+    };
     let grace = config.delivery.shutdown_grace;
     let max_message_bytes = config.limits.max_document_bytes + MESSAGE_OVERHEAD_BYTES;
     let hub = Hub::new(config, store.clone(), transport, directory);
@@ -156,7 +162,13 @@ async fn serve<T: Transport>(
     let local_address = listener.local_addr()?;
     tracing::info!(grpc = %local_address, http = %http_address, "serving");
     let stop_streams = stop.clone();
-    let served = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .context("[tls]: the certificate, key or client CA is not usable")?;
+    }
+    let served = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(exchange)

@@ -107,6 +107,8 @@ pub struct HubOptions {
     pub sample_interval_ms: u64,
     /// `[ledger] checkpoint_every`.
     pub checkpoint_every: u64,
+    /// `[tls]`: mutual TLS when set.
+    pub tls: Option<lienthong::tls::TlsFiles>,
 }
 
 impl HubOptions {
@@ -125,6 +127,7 @@ impl HubOptions {
             log_format: "text",
             sample_interval_ms: 200,
             checkpoint_every: 1000,
+            tls: None,
         }
     }
 }
@@ -209,7 +212,16 @@ sample_interval_ms = {sample_interval_ms}
             retry_backoff_base_ms = options.retry_backoff_base_ms,
             queue_delivery_limit = options.queue_delivery_limit,
         );
-        std::fs::write(&self.config_path, config).expect("write config");
+        let tls = match &options.tls {
+            Some(files) => format!(
+                "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n",
+                files.cert_file.display(),
+                files.key_file.display(),
+                files.client_ca_file.display()
+            ),
+            None => String::new(),
+        };
+        std::fs::write(&self.config_path, config + &tls).expect("write config");
     }
 
     pub fn config(&self) -> Config {

@@ -150,7 +150,7 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AuditCommand::Archive { client, up_to } => {
-            let mut admin = crate::client::connect_admin(&client.endpoint, &client.agency).await?;
+            let mut admin = client.admin().await?;
             let archived = admin
                 .archive_ledger(wire::ArchiveLedgerRequest { up_to })
                 .await
@@ -163,7 +163,7 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AuditCommand::PublicKey { client } => {
-            let mut audit = crate::client::connect_audit(&client.endpoint, &client.agency).await?;
+            let mut audit = client.audit().await?;
             let info = audit
                 .get_ledger_info(wire::GetLedgerInfoRequest {})
                 .await
@@ -216,8 +216,7 @@ fn day_start_ms(day: &str) -> anyhow::Result<i64> {
 }
 
 async fn receipts(args: ReceiptsArgs) -> anyhow::Result<()> {
-    let mut audit =
-        crate::client::connect_audit(&args.client.endpoint, &args.client.agency).await?;
+    let mut audit = args.client.audit().await?;
     let kind = match &args.kind {
         Some(name) => wire::ReceiptKind::from_str_name(&format!("RECEIPT_KIND_{name}"))
             .with_context(|| format!("--kind: `{name}` is not a receipt kind"))?
@@ -308,7 +307,7 @@ async fn receipts(args: ReceiptsArgs) -> anyhow::Result<()> {
 }
 
 async fn export_file(client: ClientArgs, out: PathBuf, from: u64, to: u64) -> anyhow::Result<()> {
-    let mut audit = crate::client::connect_audit(&client.endpoint, &client.agency).await?;
+    let mut audit = client.audit().await?;
     let info = audit
         .get_ledger_info(wire::GetLedgerInfoRequest {})
         .await
@@ -383,7 +382,7 @@ async fn prove(
     seq: Option<u64>,
     out: PathBuf,
 ) -> anyhow::Result<()> {
-    let mut audit = crate::client::connect_audit(&client.endpoint, &client.agency).await?;
+    let mut audit = client.audit().await?;
     let response = audit
         .get_proof(wire::GetProofRequest {
             index: index.unwrap_or(0),

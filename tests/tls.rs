@@ -1,0 +1,215 @@
+//! Mutual TLS with real handshakes: the client certificate names the caller, the metadata is
+//! ignored, and a missing, foreign or expired certificate is refused at the handshake.
+
+mod support;
+
+use lienthong::tls::{ClientTls, DevelopmentCertificates, init_certificates};
+use lienthong_proto::v1 as wire;
+use std::path::Path;
+use support::*;
+use tonic::Code;
+
+fn certificates(dir: &Path) -> DevelopmentCertificates {
+    let hub = PROVINCE.parse().expect("code");
+    init_certificates(dir, &hub, &test_agencies()).expect("development certificates")
+}
+
+fn client_tls(made: &DevelopmentCertificates, agency: &str) -> ClientTls {
+    let (_, cert_file, key_file) = made
+        .agencies
+        .iter()
+        .find(|(code, _, _)| code.as_str() == agency)
+        .expect("a certificate for the agency");
+    ClientTls {
+        ca_file: made.ca.clone(),
+        cert_file: cert_file.clone(),
+        key_file: key_file.clone(),
+    }
+}
+
+/// A certificate for `agency` signed by the development CA, valid only in 2020.
+fn expired_certificate(dir: &Path, agency: &str) -> ClientTls {
+    let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).expect("CA");
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join("ca-key.pem")).expect("CA key"))
+            .expect("CA key");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.subject_alt_names.push(rcgen::SanType::URI(
+        format!("urn:lienthong:agency:{agency}")
+            .try_into()
+            .expect("uri"),
+    ));
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2020, 12, 31);
+    let certificate = params.signed_by(&key, &issuer).expect("sign");
+    let cert_file = dir.join("expired.pem");
+    let key_file = dir.join("expired-key.pem");
+    std::fs::write(&cert_file, certificate.pem()).expect("write");
+    std::fs::write(&key_file, key.serialize_pem()).expect("write");
+    ClientTls {
+        ca_file: dir.join("ca.pem"),
+        cert_file,
+        key_file,
+    }
+}
+
+async fn tls_hub(name: &str, made: &DevelopmentCertificates) -> TestHub {
+    let options = HubOptions {
+        tls: Some(made.hub.clone()),
+        ..HubOptions::new(TransportKind::Embedded)
+    };
+    TestHub::start(name, options).await
+}
+
+fn https(hub: &TestHub) -> String {
+    hub.endpoint.replace("http://", "https://")
+}
+
+/// What a client gets when it talks to the hub: `Ok` or the gRPC status code.
+async fn try_send(
+    endpoint: &str,
+    metadata_identity: &str,
+    tls: Option<&ClientTls>,
+    from: &str,
+) -> Result<String, Code> {
+    let mut client = match lienthong::client::connect_with(endpoint, metadata_identity, tls).await {
+        Ok(client) => client,
+        Err(_) => return Err(Code::Unavailable),
+    };
+    client
+        .send(wire::SendRequest {
+            document: Some(document(from, &[DISTRICT], "qua TLS")),
+        })
+        .await
+        .map(|r| r.into_inner().document_id)
+        .map_err(|status| status.code())
+}
+
+#[tokio::test]
+async fn the_certificate_names_the_caller_and_the_metadata_is_ignored() {
+    let dir = tempfile::tempdir().expect("dir");
+    let made = certificates(dir.path());
+    let hub = tls_hub("tls-identity", &made).await;
+    let endpoint = https(&hub);
+    let commune = client_tls(&made, COMMUNE);
+
+    let sent = try_send(&endpoint, COMMUNE, Some(&commune), COMMUNE).await;
+    assert!(sent.is_ok(), "a valid agency certificate works: {sent:?}");
+    // Another agency's certificate cannot send as the commune.
+    let spoofed = try_send(
+        &endpoint,
+        COMMUNE,
+        Some(&client_tls(&made, COMMUNE_2)),
+        COMMUNE,
+    )
+    .await;
+    assert_eq!(spoofed, Err(Code::PermissionDenied));
+    // The metadata claims the district; the certificate says commune, and wins.
+    let claimed = try_send(&endpoint, DISTRICT, Some(&commune), DISTRICT).await;
+    assert_eq!(claimed, Err(Code::PermissionDenied));
+    let as_certified = try_send(&endpoint, DISTRICT, Some(&commune), COMMUNE).await;
+    assert!(as_certified.is_ok(), "{as_certified:?}");
+
+    // The district receives over TLS what the commune sent.
+    let mut district =
+        lienthong::client::connect_with(&endpoint, DISTRICT, Some(&client_tls(&made, DISTRICT)))
+            .await
+            .expect("connect");
+    let mut stream = open_stream(&mut district).await;
+    let delivery = next_delivery(&mut stream).await;
+    assert_eq!(delivered_document(&delivery).from, COMMUNE);
+    ack(&mut district, &delivery).await;
+
+    let (_, ready) = http_get(&hub.options.http_listen, "/readyz").await;
+    assert!(ready.contains("authentication: mutual TLS"), "{ready}");
+    hub.finish().await;
+}
+
+#[tokio::test]
+async fn missing_foreign_and_expired_certificates_are_refused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let made = certificates(dir.path());
+    let hub = tls_hub("tls-refused", &made).await;
+    let endpoint = https(&hub);
+
+    // No client certificate: only the CA to check the hub.
+    let anonymous = tonic::transport::Endpoint::from_shared(endpoint.clone())
+        .expect("endpoint")
+        .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(
+            tonic::transport::Certificate::from_pem(std::fs::read(&made.ca).expect("CA")),
+        ))
+        .expect("tls");
+    let refused = match anonymous.connect().await {
+        Err(_) => true,
+        Ok(channel) => {
+            let mut client = wire::document_exchange_client::DocumentExchangeClient::new(channel);
+            let mut request = tonic::Request::new(wire::SendRequest {
+                document: Some(document(COMMUNE, &[DISTRICT], "anonymous")),
+            });
+            request
+                .metadata_mut()
+                .insert("x-lienthong-agency", COMMUNE.parse().expect("metadata"));
+            let answer = client.send(request).await;
+            matches!(answer, Err(status) if status.code() == Code::Unavailable || status.code() == Code::Unknown || status.code() == Code::Internal)
+        }
+    };
+    assert!(
+        refused,
+        "a client without a certificate is refused at the handshake"
+    );
+
+    // A certificate from another CA.
+    let other = tempfile::tempdir().expect("dir");
+    let foreign = certificates(other.path());
+    let foreign_tls = ClientTls {
+        ca_file: made.ca.clone(),
+        ..client_tls(&foreign, COMMUNE)
+    };
+    let answer = try_send(&endpoint, COMMUNE, Some(&foreign_tls), COMMUNE).await;
+    assert!(
+        matches!(
+            answer,
+            Err(Code::Unavailable | Code::Unknown | Code::Internal)
+        ),
+        "a certificate from an unknown CA is refused at the handshake: {answer:?}"
+    );
+
+    // An expired certificate from the right CA.
+    let expired = expired_certificate(dir.path(), COMMUNE);
+    let answer = try_send(&endpoint, COMMUNE, Some(&expired), COMMUNE).await;
+    assert!(
+        matches!(
+            answer,
+            Err(Code::Unavailable | Code::Unknown | Code::Internal)
+        ),
+        "an expired certificate is refused at the handshake: {answer:?}"
+    );
+
+    // Nothing of the refused attempts was accepted.
+    let mut district =
+        lienthong::client::connect_with(&endpoint, DISTRICT, Some(&client_tls(&made, DISTRICT)))
+            .await
+            .expect("connect");
+    let mut stream = open_stream(&mut district).await;
+    assert_no_delivery(&mut stream, std::time::Duration::from_millis(500)).await;
+    hub.finish().await;
+}
+
+#[test]
+fn the_identity_comes_from_the_san_uri() {
+    let dir = tempfile::tempdir().expect("dir");
+    let made = certificates(dir.path());
+    let (_, cert_file, _) = &made.agencies[0];
+    let pem = std::fs::read_to_string(cert_file).expect("pem");
+    let der = pem_to_der(&pem);
+    let code = lienthong::tls::identity_of_certificate(&der).expect("identity");
+    assert_eq!(code, made.agencies[0].0);
+    assert!(lienthong::tls::identity_of_certificate(b"not a certificate").is_err());
+}
+
+fn pem_to_der(pem: &str) -> Vec<u8> {
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).expect("PEM");
+    parsed.contents
+}
