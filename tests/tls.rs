@@ -27,8 +27,9 @@ fn client_tls(made: &DevelopmentCertificates, agency: &str) -> ClientTls {
     }
 }
 
-/// A certificate for `agency` signed by the development CA, valid only in 2020.
-fn expired_certificate(dir: &Path, agency: &str) -> ClientTls {
+/// A client certificate signed by the development CA in `dir`, with these SAN URIs and, when
+/// `expired`, valid only in 2020.
+fn issue(dir: &Path, name: &str, uris: &[String], expired: bool) -> ClientTls {
     let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).expect("CA");
     let ca_key =
         rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join("ca-key.pem")).expect("CA key"))
@@ -36,16 +37,18 @@ fn expired_certificate(dir: &Path, agency: &str) -> ClientTls {
     let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
     let key = rcgen::KeyPair::generate().expect("key");
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-    params.subject_alt_names.push(rcgen::SanType::URI(
-        format!("urn:lienthong:agency:{agency}")
-            .try_into()
-            .expect("uri"),
-    ));
-    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-    params.not_after = rcgen::date_time_ymd(2020, 12, 31);
+    for uri in uris {
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::URI(uri.clone().try_into().expect("uri")));
+    }
+    if expired {
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2020, 12, 31);
+    }
     let certificate = params.signed_by(&key, &issuer).expect("sign");
-    let cert_file = dir.join("expired.pem");
-    let key_file = dir.join("expired-key.pem");
+    let cert_file = dir.join(format!("{name}.pem"));
+    let key_file = dir.join(format!("{name}-key.pem"));
     std::fs::write(&cert_file, certificate.pem()).expect("write");
     std::fs::write(&key_file, key.serialize_pem()).expect("write");
     ClientTls {
@@ -53,6 +56,10 @@ fn expired_certificate(dir: &Path, agency: &str) -> ClientTls {
         cert_file,
         key_file,
     }
+}
+
+fn agency_uri(agency: &str) -> String {
+    format!("urn:lienthong:agency:{agency}")
 }
 
 async fn tls_hub(name: &str, made: &DevelopmentCertificates) -> TestHub {
@@ -177,7 +184,7 @@ async fn missing_foreign_and_expired_certificates_are_refused() {
     );
 
     // An expired certificate from the right CA.
-    let expired = expired_certificate(dir.path(), COMMUNE);
+    let expired = issue(dir.path(), "expired", &[agency_uri(COMMUNE)], true);
     let answer = try_send(&endpoint, COMMUNE, Some(&expired), COMMUNE).await;
     assert!(
         matches!(
@@ -212,4 +219,67 @@ fn the_identity_comes_from_the_san_uri() {
 fn pem_to_der(pem: &str) -> Vec<u8> {
     let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).expect("PEM");
     parsed.contents
+}
+
+/// Roles come from `urn:lienthong:role:*` SAN URIs: a ministry certificate with the operator
+/// role uses Admin, with the auditor role Audit; without them, neither; an unknown role is
+/// refused.
+#[tokio::test]
+async fn certificate_roles_grant_the_admin_and_audit_surfaces() {
+    let dir = tempfile::tempdir().expect("dir");
+    let made = certificates(dir.path());
+    let hub = tls_hub("tls-roles", &made).await;
+    let endpoint = https(&hub);
+    let operator = issue(
+        dir.path(),
+        "ministry-operator",
+        &[agency_uri(MINISTRY), "urn:lienthong:role:operator".into()],
+        false,
+    );
+    let auditor = issue(
+        dir.path(),
+        "ministry-auditor",
+        &[agency_uri(MINISTRY), "urn:lienthong:role:auditor".into()],
+        false,
+    );
+    let plain = client_tls(&made, MINISTRY);
+    let unknown = issue(
+        dir.path(),
+        "ministry-king",
+        &[agency_uri(MINISTRY), "urn:lienthong:role:king".into()],
+        false,
+    );
+
+    let list = |tls: ClientTls| {
+        let endpoint = endpoint.clone();
+        async move {
+            lienthong::client::connect_admin_with(&endpoint, MINISTRY, Some(&tls))
+                .await
+                .expect("connect")
+                .list_queues(wire::ListQueuesRequest {})
+                .await
+                .map(|_| ())
+                .map_err(|status| status.code())
+        }
+    };
+    let verify = |tls: ClientTls| {
+        let endpoint = endpoint.clone();
+        async move {
+            lienthong::client::connect_audit_with(&endpoint, MINISTRY, Some(&tls))
+                .await
+                .expect("connect")
+                .verify_ledger(wire::VerifyLedgerRequest::default())
+                .await
+                .map(|_| ())
+                .map_err(|status| status.code())
+        }
+    };
+    assert_eq!(list(operator.clone()).await, Ok(()));
+    assert_eq!(verify(operator).await, Err(Code::PermissionDenied));
+    assert_eq!(verify(auditor.clone()).await, Ok(()));
+    assert_eq!(list(auditor).await, Err(Code::PermissionDenied));
+    assert_eq!(list(plain.clone()).await, Err(Code::PermissionDenied));
+    assert_eq!(verify(plain).await, Err(Code::PermissionDenied));
+    assert_eq!(list(unknown).await, Err(Code::Unauthenticated));
+    hub.finish().await;
 }

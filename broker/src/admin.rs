@@ -5,6 +5,7 @@ use crate::agency::AgencyCode;
 use crate::directory::AgencyDirectory;
 use crate::error::HubError;
 use crate::hub::{Hub, now_unix_ms};
+use crate::identity::{Caller, Role};
 use crate::transport::Transport;
 use lienthong_proto::v1 as wire;
 
@@ -12,21 +13,18 @@ use lienthong_proto::v1 as wire;
 const DEFAULT_LIST_LIMIT: usize = 100;
 
 impl<T: Transport> Hub<T> {
-    fn require_operator(&self, caller: &AgencyCode, action: &str) -> Result<(), HubError> {
-        if self.config().operators.contains(caller) {
+    fn require_operator(&self, caller: &Caller, action: &str) -> Result<(), HubError> {
+        if self.config().operators.contains(&caller.agency) || caller.has(Role::Operator) {
             return Ok(());
         }
         tracing::warn!(identity = %caller, action, "permission denied: not an operator");
         Err(HubError::PermissionDenied(format!(
-            "{action}: {caller} is not an operator of this hub ([access] operators)"
+            "{action}: {caller} is not an operator of this hub ([access] operators, or a certificate role operator)"
         )))
     }
 
     /// Per agency queue statistics, and the outbox depth.
-    pub async fn list_queues(
-        &self,
-        caller: &AgencyCode,
-    ) -> Result<wire::ListQueuesResponse, HubError> {
+    pub async fn list_queues(&self, caller: &Caller) -> Result<wire::ListQueuesResponse, HubError> {
         self.require_operator(caller, "ListQueues")?;
         let kept = self.store().dead_letters(None, usize::MAX)?;
         let directory = self.directory();
@@ -79,7 +77,7 @@ impl<T: Transport> Hub<T> {
     /// Dead letters kept by the hub, oldest first.
     pub fn list_dead_letters(
         &self,
-        caller: &AgencyCode,
+        caller: &Caller,
         agency: &str,
         limit: u32,
     ) -> Result<Vec<wire::DeadLetter>, HubError> {
@@ -110,7 +108,7 @@ impl<T: Transport> Hub<T> {
     /// at most `limit` of them (all when 0), oldest first.
     pub async fn replay_dead_letters(
         &self,
-        caller: &AgencyCode,
+        caller: &Caller,
         agency: &str,
         document_ids: &[String],
         limit: u32,
@@ -137,7 +135,7 @@ impl<T: Transport> Hub<T> {
         };
         let (replayed, receipts) =
             self.store()
-                .replay_dead_letters(&chosen, caller.as_str(), now_unix_ms())?;
+                .replay_dead_letters(&chosen, caller.agency.as_str(), now_unix_ms())?;
         self.store().durable().await?;
         self.wake_publisher();
         tracing::info!(operator = %caller, replayed, remaining, "dead letters replayed");
@@ -151,7 +149,7 @@ impl<T: Transport> Hub<T> {
     /// Reads the directory file named by the configuration again and installs it.
     pub async fn reload_directory(
         &self,
-        caller: &AgencyCode,
+        caller: &Caller,
     ) -> Result<wire::ReloadDirectoryResponse, HubError> {
         self.require_operator(caller, "ReloadDirectory")?;
         let directory = AgencyDirectory::load(&self.config().directory_file).map_err(|e| {
@@ -170,7 +168,7 @@ impl<T: Transport> Hub<T> {
     /// Archives the oldest ledger records into a verified file under `[ledger] archive_dir`.
     pub async fn archive_ledger(
         &self,
-        caller: &AgencyCode,
+        caller: &Caller,
         up_to: u64,
     ) -> Result<wire::ArchiveLedgerResponse, HubError> {
         self.require_operator(caller, "ArchiveLedger")?;

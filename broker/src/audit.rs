@@ -5,6 +5,7 @@
 use crate::agency::AgencyCode;
 use crate::error::HubError;
 use crate::hub::Hub;
+use crate::identity::{Caller, Role};
 use crate::store::ReceiptFilter;
 use crate::transport::Transport;
 use lienthong_proto::v1 as wire;
@@ -14,11 +15,11 @@ const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 
 impl<T: Transport> Hub<T> {
-    fn is_auditor(&self, caller: &AgencyCode) -> bool {
-        self.config().auditors.contains(caller)
+    fn is_auditor(&self, caller: &Caller) -> bool {
+        self.config().auditors.contains(&caller.agency) || caller.has(Role::Auditor)
     }
 
-    fn require_auditor(&self, caller: &AgencyCode, action: &str) -> Result<(), HubError> {
+    fn require_auditor(&self, caller: &Caller, action: &str) -> Result<(), HubError> {
         if self.is_auditor(caller) {
             return Ok(());
         }
@@ -38,7 +39,7 @@ impl<T: Transport> Hub<T> {
     /// One page of receipts matching the request.
     pub fn list_receipts(
         &self,
-        caller: &AgencyCode,
+        caller: &Caller,
         request: wire::ListReceiptsRequest,
     ) -> Result<wire::ListReceiptsResponse, HubError> {
         let filter = ReceiptFilter {
@@ -50,7 +51,7 @@ impl<T: Transport> Hub<T> {
         };
         if !self.is_auditor(caller) {
             let allowed = match &filter.document_id {
-                Some(document_id) => self.is_party_to(caller, document_id)?,
+                Some(document_id) => self.is_party_to(&caller.agency, document_id)?,
                 None => false,
             };
             if !allowed {
@@ -83,7 +84,7 @@ impl<T: Transport> Hub<T> {
     /// A record with its inclusion proof against the newest checkpoint.
     pub async fn receipt_proof(
         &self,
-        caller: &AgencyCode,
+        caller: &Caller,
         request: wire::GetProofRequest,
     ) -> Result<wire::GetProofResponse, HubError> {
         let index = if request.receipt_seq != 0 {
@@ -114,7 +115,7 @@ impl<T: Transport> Hub<T> {
                 .as_ref()
                 .map(|r| r.document_id.clone())
                 .unwrap_or_default();
-            if !self.is_party_to(caller, &document_id)? {
+            if !self.is_party_to(&caller.agency, &document_id)? {
                 return Err(HubError::PermissionDenied(format!(
                     "GetProof: {caller} is neither an auditor nor a party to document {document_id}"
                 )));
@@ -141,7 +142,7 @@ impl<T: Transport> Hub<T> {
     /// Re-verifies `[from, to)` of the ledger (the whole of it when `to` is 0).
     pub fn verify_ledger(
         &self,
-        caller: &AgencyCode,
+        caller: &Caller,
         from: u64,
         to: u64,
     ) -> Result<wire::VerifyLedgerResponse, HubError> {
@@ -161,7 +162,7 @@ impl<T: Transport> Hub<T> {
     /// The range an export covers: up to the newest checkpoint unless `to` says otherwise.
     pub fn export_range(
         &self,
-        caller: &AgencyCode,
+        caller: &Caller,
         from: u64,
         to: u64,
     ) -> Result<(u64, u64), HubError> {

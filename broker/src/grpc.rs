@@ -4,6 +4,7 @@
 use crate::agency::AgencyCode;
 use crate::error::HubError;
 use crate::hub::Hub;
+use crate::identity::Caller;
 use crate::transport::Transport;
 use futures_util::Stream;
 use lienthong_proto::v1 as wire;
@@ -32,11 +33,20 @@ impl<T: Transport> ExchangeService<T> {
 /// The caller's agency: from its client certificate when the connection has one (mutual TLS;
 /// the metadata is then ignored), else from the `x-lienthong-agency` metadata.
 pub fn caller_identity<R>(request: &Request<R>) -> Result<AgencyCode, HubError> {
+    caller(request).map(|caller| caller.agency)
+}
+
+/// The caller with the roles its certificate grants (none without TLS).
+pub fn caller<R>(request: &Request<R>) -> Result<Caller, HubError> {
     if let Some(certificates) = request.peer_certs()
         && let Some(leaf) = certificates.first()
     {
-        return crate::tls::identity_of_certificate(leaf).map_err(HubError::Unauthenticated);
+        return crate::tls::caller_of_certificate(leaf).map_err(HubError::Unauthenticated);
     }
+    metadata_identity(request).map(Caller::agency)
+}
+
+fn metadata_identity<R>(request: &Request<R>) -> Result<AgencyCode, HubError> {
     let value = request.metadata().get(AGENCY_METADATA_KEY).ok_or_else(|| {
         HubError::Unauthenticated(format!("the `{AGENCY_METADATA_KEY}` metadata is required"))
     })?;
@@ -138,7 +148,7 @@ impl<T: Transport> lienthong_proto::v1::admin_server::Admin for AdminService<T> 
         &self,
         request: Request<wire::ListQueuesRequest>,
     ) -> Result<Response<wire::ListQueuesResponse>, Status> {
-        let caller = caller_identity(&request)?;
+        let caller = caller(&request)?;
         Ok(Response::new(self.hub.list_queues(&caller).await?))
     }
 
@@ -146,7 +156,7 @@ impl<T: Transport> lienthong_proto::v1::admin_server::Admin for AdminService<T> 
         &self,
         request: Request<wire::ListDeadLettersRequest>,
     ) -> Result<Response<wire::ListDeadLettersResponse>, Status> {
-        let caller = caller_identity(&request)?;
+        let caller = caller(&request)?;
         let wire::ListDeadLettersRequest { agency, limit } = request.into_inner();
         let dead_letters = self.hub.list_dead_letters(&caller, &agency, limit)?;
         Ok(Response::new(wire::ListDeadLettersResponse {
@@ -158,7 +168,7 @@ impl<T: Transport> lienthong_proto::v1::admin_server::Admin for AdminService<T> 
         &self,
         request: Request<wire::ReplayDeadLettersRequest>,
     ) -> Result<Response<wire::ReplayDeadLettersResponse>, Status> {
-        let caller = caller_identity(&request)?;
+        let caller = caller(&request)?;
         let wire::ReplayDeadLettersRequest {
             agency,
             document_ids,
@@ -175,7 +185,7 @@ impl<T: Transport> lienthong_proto::v1::admin_server::Admin for AdminService<T> 
         &self,
         request: Request<wire::ReloadDirectoryRequest>,
     ) -> Result<Response<wire::ReloadDirectoryResponse>, Status> {
-        let caller = caller_identity(&request)?;
+        let caller = caller(&request)?;
         Ok(Response::new(self.hub.reload_directory(&caller).await?))
     }
 
@@ -183,7 +193,7 @@ impl<T: Transport> lienthong_proto::v1::admin_server::Admin for AdminService<T> 
         &self,
         request: Request<wire::ArchiveLedgerRequest>,
     ) -> Result<Response<wire::ArchiveLedgerResponse>, Status> {
-        let caller = caller_identity(&request)?;
+        let caller = caller(&request)?;
         let up_to = request.into_inner().up_to;
         Ok(Response::new(
             self.hub.archive_ledger(&caller, up_to).await?,
@@ -211,7 +221,7 @@ impl<T: Transport> lienthong_proto::v1::audit_server::Audit for AuditService<T> 
         &self,
         request: Request<wire::ListReceiptsRequest>,
     ) -> Result<Response<wire::ListReceiptsResponse>, Status> {
-        let caller = caller_identity(&request)?;
+        let caller = caller(&request)?;
         Ok(Response::new(
             self.hub.list_receipts(&caller, request.into_inner())?,
         ))
@@ -221,7 +231,7 @@ impl<T: Transport> lienthong_proto::v1::audit_server::Audit for AuditService<T> 
         &self,
         request: Request<wire::GetProofRequest>,
     ) -> Result<Response<wire::GetProofResponse>, Status> {
-        let caller = caller_identity(&request)?;
+        let caller = caller(&request)?;
         Ok(Response::new(
             self.hub
                 .receipt_proof(&caller, request.into_inner())
@@ -233,7 +243,7 @@ impl<T: Transport> lienthong_proto::v1::audit_server::Audit for AuditService<T> 
         &self,
         request: Request<wire::VerifyLedgerRequest>,
     ) -> Result<Response<wire::VerifyLedgerResponse>, Status> {
-        let caller = caller_identity(&request)?;
+        let caller = caller(&request)?;
         let wire::VerifyLedgerRequest {
             from_index,
             to_index,
@@ -253,7 +263,7 @@ impl<T: Transport> lienthong_proto::v1::audit_server::Audit for AuditService<T> 
         &self,
         request: Request<wire::ExportLedgerRequest>,
     ) -> Result<Response<ExportStream>, Status> {
-        let caller = caller_identity(&request)?;
+        let caller = caller(&request)?;
         let wire::ExportLedgerRequest {
             from_index,
             to_index,
@@ -303,7 +313,7 @@ impl<T: Transport> lienthong_proto::v1::audit_server::Audit for AuditService<T> 
         &self,
         request: Request<wire::GetLedgerInfoRequest>,
     ) -> Result<Response<wire::GetLedgerInfoResponse>, Status> {
-        caller_identity(&request)?;
+        caller(&request)?;
         Ok(Response::new(self.hub.ledger_info()?))
     }
 }

@@ -30,6 +30,7 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod hub;
+pub mod identity;
 pub mod ledger;
 pub mod metrics;
 pub mod publisher;

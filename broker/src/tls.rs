@@ -7,6 +7,7 @@
 //! signed by `client_ca_file` whenever TLS is on.
 
 use crate::agency::AgencyCode;
+use crate::identity::{Caller, ROLE_URI_PREFIX, Role};
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
@@ -59,21 +60,45 @@ pub fn client_config(tls: &ClientTls) -> anyhow::Result<ClientTlsConfig> {
         )))
 }
 
-/// The agency a client certificate (DER) names.
-pub fn identity_of_certificate(der: &[u8]) -> Result<AgencyCode, String> {
+/// The caller a client certificate (DER) names: its agency and roles.
+pub fn caller_of_certificate(der: &[u8]) -> Result<Caller, String> {
     let (_, certificate) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| format!("unreadable client certificate: {e}"))?;
+    let mut agency = None;
+    let mut roles = Vec::new();
     if let Ok(Some(names)) = certificate.subject_alternative_name() {
         for name in &names.value.general_names {
-            if let x509_parser::extensions::GeneralName::URI(uri) = name
-                && let Some(code) = uri.strip_prefix(AGENCY_URI_PREFIX)
-            {
-                return code
+            let x509_parser::extensions::GeneralName::URI(uri) = name else {
+                continue;
+            };
+            if let Some(code) = uri.strip_prefix(AGENCY_URI_PREFIX) {
+                let code: AgencyCode = code
                     .parse()
-                    .map_err(|e| format!("certificate SAN {uri}: {e}"));
+                    .map_err(|e| format!("certificate SAN {uri}: {e}"))?;
+                agency.get_or_insert(code);
+            } else if let Some(role) = uri.strip_prefix(ROLE_URI_PREFIX) {
+                let role: Role = role
+                    .parse()
+                    .map_err(|e| format!("certificate SAN {uri}: {e}"))?;
+                roles.push(role);
             }
         }
     }
+    let agency = match agency {
+        Some(agency) => agency,
+        None => common_name_agency(&certificate)?,
+    };
+    Ok(Caller { agency, roles })
+}
+
+/// The agency a client certificate (DER) names.
+pub fn identity_of_certificate(der: &[u8]) -> Result<AgencyCode, String> {
+    caller_of_certificate(der).map(|caller| caller.agency)
+}
+
+fn common_name_agency(
+    certificate: &x509_parser::certificate::X509Certificate<'_>,
+) -> Result<AgencyCode, String> {
     let common_name = certificate
         .subject()
         .iter_common_name()
