@@ -992,6 +992,81 @@ async fn the_queue_backstop_dead_letters_with_a_receipt() {
     hub.finish().await;
 }
 
+/// Per-agency limits: open streams and the send rate. A refusal names the limit and leaves
+/// nothing behind; other agencies are not affected.
+#[tokio::test]
+async fn stream_and_rate_limits_are_per_agency() {
+    let options = HubOptions {
+        max_streams_per_agency: 2,
+        max_sends_per_second: 2,
+        ..HubOptions::new(TransportKind::Embedded)
+    };
+    let hub = TestHub::start("limits", options).await;
+    let mut district = hub.client(DISTRICT).await;
+    let first = open_stream(&mut district).await;
+    let _second = open_stream(&mut district).await;
+    let third = district
+        .receive(wire::ReceiveRequest {})
+        .await
+        .expect_err("a third stream");
+    assert_eq!(third.code(), Code::ResourceExhausted);
+    assert!(
+        third.message().contains("limits.max_streams_per_agency"),
+        "{}",
+        third.message()
+    );
+    drop(first);
+    eventually(
+        "a closed stream frees its place",
+        Duration::from_secs(5),
+        || {
+            let mut district = district.clone();
+            async move { district.receive(wire::ReceiveRequest {}).await.is_ok() }
+        },
+    )
+    .await;
+
+    // The bucket holds two seconds' worth (4); the fifth quick send is refused.
+    let mut commune = hub.client(COMMUNE).await;
+    let mut refused = None;
+    for n in 0..6 {
+        let sent = document(COMMUNE, &[DISTRICT], &format!("nhanh {n}"));
+        let id = sent.document_id.clone();
+        match commune
+            .send(wire::SendRequest {
+                document: Some(sent),
+            })
+            .await
+        {
+            Ok(_) => {}
+            Err(status) => {
+                refused = Some((status, id));
+                break;
+            }
+        }
+    }
+    let (status, id) = refused.expect("a send past the rate is refused");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(
+        status.message().contains("limits.max_sends_per_second"),
+        "{}",
+        status.message()
+    );
+    let unknown = commune
+        .track(wire::TrackRequest { document_id: id })
+        .await
+        .expect_err("the refused document left nothing");
+    assert_eq!(unknown.code(), Code::NotFound);
+    // Another agency has its own allowance.
+    let mut neighbour = hub.client(COMMUNE_2).await;
+    send(
+        &mut neighbour,
+        document(COMMUNE_2, &[DISTRICT], "của xã bên"),
+    )
+    .await;
+    hub.finish().await;
+}
+
 /// Picks the transport of a scenario.
 struct Kind(TransportKind);
 

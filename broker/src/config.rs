@@ -88,6 +88,14 @@ pub struct Limits {
     pub max_recipients: usize,
     /// Most messages waiting in the outbox before `Send` answers `UNAVAILABLE`.
     pub max_outbox_messages: u64,
+    /// Most attachments one document may have.
+    pub max_attachments: usize,
+    /// Longest short text field (subject, code, names, places), in bytes.
+    pub max_field_bytes: usize,
+    /// Most `Receive` streams one agency may hold open at once.
+    pub max_streams_per_agency: u32,
+    /// `Send` calls per second allowed to one agency (a token bucket holding two seconds' worth).
+    pub max_sends_per_second: u32,
 }
 
 /// How documents are handed to recipients.
@@ -277,6 +285,10 @@ struct LimitsToml {
     max_document_bytes: usize,
     max_recipients: usize,
     max_outbox_messages: u64,
+    max_attachments: usize,
+    max_field_bytes: usize,
+    max_streams_per_agency: u32,
+    max_sends_per_second: u32,
 }
 
 impl Default for LimitsToml {
@@ -285,6 +297,10 @@ impl Default for LimitsToml {
             max_document_bytes: 16 * 1024 * 1024,
             max_recipients: 1000,
             max_outbox_messages: 1_000_000,
+            max_attachments: 100,
+            max_field_bytes: 2048,
+            max_streams_per_agency: 8,
+            max_sends_per_second: 10_000,
         }
     }
 }
@@ -351,6 +367,10 @@ impl Config {
                     max_document_bytes,
                     max_recipients,
                     max_outbox_messages,
+                    max_attachments,
+                    max_field_bytes,
+                    max_streams_per_agency,
+                    max_sends_per_second,
                 },
             delivery:
                 DeliveryToml {
@@ -418,6 +438,15 @@ impl Config {
         }
         if max_recipients == 0 {
             return Err("[limits] max_recipients: must be greater than 0".into());
+        }
+        for (key, value) in [
+            ("max_field_bytes", max_field_bytes as u64),
+            ("max_streams_per_agency", u64::from(max_streams_per_agency)),
+            ("max_sends_per_second", u64::from(max_sends_per_second)),
+        ] {
+            if value == 0 {
+                return Err(format!("[limits] {key}: must be greater than 0"));
+            }
         }
         if prefetch == 0 {
             return Err("[delivery] prefetch: must be greater than 0".into());
@@ -509,6 +538,10 @@ impl Config {
                 max_document_bytes,
                 max_recipients,
                 max_outbox_messages,
+                max_attachments,
+                max_field_bytes,
+                max_streams_per_agency,
+                max_sends_per_second,
             },
             delivery: DeliveryConfig {
                 prefetch,

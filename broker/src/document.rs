@@ -51,6 +51,8 @@ pub struct Document {
 pub struct DocumentLimits {
     pub max_document_bytes: usize,
     pub max_recipients: usize,
+    pub max_attachments: usize,
+    pub max_field_bytes: usize,
 }
 
 impl Document {
@@ -96,6 +98,39 @@ impl Document {
                 "document.subject",
                 "a subject is required",
             ));
+        }
+        if wire.attachments.len() > limits.max_attachments {
+            return Err(HubError::ResourceExhausted(format!(
+                "document.attachments: {} attachments exceed the limit of {} (limits.max_attachments)",
+                wire.attachments.len(),
+                limits.max_attachments
+            )));
+        }
+        let mut fields: Vec<(String, &str)> = vec![
+            ("document.subject".into(), wire.subject.as_str()),
+            ("document.code_number".into(), wire.code_number.as_str()),
+            ("document.code_notation".into(), wire.code_notation.as_str()),
+            ("document.due_date".into(), wire.due_date.as_str()),
+        ];
+        for (index, place) in wire.to_places.iter().enumerate() {
+            fields.push((format!("document.to_places[{index}]"), place));
+        }
+        for (index, attachment) in wire.attachments.iter().enumerate() {
+            fields.push((
+                format!("document.attachments[{index}].name"),
+                &attachment.name,
+            ));
+            fields.push((
+                format!("document.attachments[{index}].content_type"),
+                &attachment.content_type,
+            ));
+            fields.push((
+                format!("document.attachments[{index}].description"),
+                &attachment.description,
+            ));
+        }
+        for (field, text) in fields {
+            check_text_field(&field, text, limits.max_field_bytes)?;
         }
         let urgency = Urgency::new(wire.priority).ok_or_else(|| {
             HubError::invalid(
@@ -153,6 +188,27 @@ impl Document {
             wire,
         })
     }
+}
+
+/// Checks a short text field: at most `max_bytes`, and no control characters (they have no place
+/// in a subject, a code or a file name, and break logs and file systems).
+fn check_text_field(field: &str, text: &str, max_bytes: usize) -> Result<(), HubError> {
+    if text.len() > max_bytes {
+        return Err(HubError::invalid(
+            field,
+            format!(
+                "{} bytes exceed the limit of {max_bytes} (limits.max_field_bytes)",
+                text.len()
+            ),
+        ));
+    }
+    if let Some(position) = text.chars().position(char::is_control) {
+        return Err(HubError::invalid(
+            field,
+            format!("contains a control character at character {position}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a document id: bounded and free of control characters (ids are used in storage keys).
@@ -220,6 +276,8 @@ mod tests {
     const LIMITS: DocumentLimits = DocumentLimits {
         max_document_bytes: 1024,
         max_recipients: 3,
+        max_attachments: 2,
+        max_field_bytes: 64,
     };
     // 2015-09-30 10:00 in Vietnam.
     const NOW: i64 = 1_443_582_000_000;
@@ -282,6 +340,25 @@ mod tests {
             (|d| d.business_type = 9, "document.business_type"),
             (|d| d.business_type = 1, "document.references_document_id"),
             (|d| d.document_id = "a\u{0}b".into(), "document.document_id"),
+            (|d| d.subject = "a\nb".into(), "document.subject"),
+            (|d| d.subject = "x".repeat(65), "document.subject"),
+            (
+                |d| d.code_notation = "\u{1b}[31m".into(),
+                "document.code_notation",
+            ),
+            (
+                |d| d.to_places = vec!["Hà Nội".into(), "\u{7}".into()],
+                "document.to_places[1]",
+            ),
+            (
+                |d| {
+                    d.attachments = vec![wire::Attachment {
+                        name: "../\u{0}etc".into(),
+                        ..Default::default()
+                    }]
+                },
+                "document.attachments[0].name",
+            ),
         ];
         for (break_it, field) in cases {
             let mut document = valid();
@@ -289,6 +366,17 @@ mod tests {
             let error = Document::from_wire(document, LIMITS, NOW).expect_err(field);
             assert_eq!(field_of(error), field);
         }
+    }
+
+    #[test]
+    fn too_many_attachments_name_the_limit() {
+        let mut many = valid();
+        many.attachments = vec![wire::Attachment::default(); 3];
+        let error = Document::from_wire(many, LIMITS, NOW).expect_err("three attachments");
+        assert!(
+            matches!(&error, HubError::ResourceExhausted(m) if m.contains("max_attachments")),
+            "{error}"
+        );
     }
 
     #[test]

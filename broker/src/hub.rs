@@ -53,6 +53,53 @@ struct HubInner<T: Transport> {
     metrics: Metrics,
     activity: crate::activity::Activity,
     pending_acks: Mutex<PendingAcks<AckerOf<T>>>,
+    /// Open `Receive` streams per agency (`limits.max_streams_per_agency`).
+    open_streams: Arc<Mutex<HashMap<AgencyCode, u32>>>,
+    /// `Send` allowance per agency (`limits.max_sends_per_second`).
+    send_buckets: Mutex<HashMap<AgencyCode, TokenBucket>>,
+}
+
+/// A token bucket: `rate` tokens a second, holding at most two seconds' worth.
+#[derive(Debug)]
+struct TokenBucket {
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl TokenBucket {
+    fn take(&mut self, rate: u32) -> bool {
+        let capacity = 2.0 * f64::from(rate);
+        let now = Instant::now();
+        self.tokens = (self.tokens
+            + now.duration_since(self.refilled).as_secs_f64() * f64::from(rate))
+        .min(capacity);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Counts one open stream of an agency while it lives.
+#[derive(Debug)]
+struct StreamSlot {
+    agency: AgencyCode,
+    open_streams: Arc<Mutex<HashMap<AgencyCode, u32>>>,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.open_streams.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&self.agency) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.agency);
+            }
+        }
+    }
 }
 
 /// A delivery shown on a stream and not yet settled.
@@ -128,6 +175,8 @@ impl<T: Transport> Hub<T> {
                 metrics: Metrics::new(),
                 activity: crate::activity::Activity::default(),
                 pending_acks: Mutex::new(PendingAcks::default()),
+                open_streams: Arc::new(Mutex::new(HashMap::new())),
+                send_buckets: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -204,9 +253,12 @@ impl<T: Transport> Hub<T> {
         let inner = &*self.inner;
         let document =
             document.ok_or_else(|| HubError::invalid("document", "a document is required"))?;
+        self.take_send_allowance(caller)?;
         let limits = DocumentLimits {
             max_document_bytes: inner.config.limits.max_document_bytes,
             max_recipients: inner.config.limits.max_recipients,
+            max_attachments: inner.config.limits.max_attachments,
+            max_field_bytes: inner.config.limits.max_field_bytes,
         };
         let mut document = Document::from_wire(document, limits, now_unix_ms())?;
         if &document.from != caller {
@@ -284,12 +336,16 @@ impl<T: Transport> Hub<T> {
                 "agency {caller} is not in the hub's directory"
             )));
         }
+        let slot = self.open_stream_slot(caller)?;
         let prefetch = self.inner.config.delivery.prefetch;
         let subscription = self.inner.transport.subscribe(caller, prefetch).await?;
         let (sender, receiver) = mpsc::channel(usize::from(prefetch));
         let hub = self.clone();
         let caller = caller.clone();
-        tokio::spawn(async move { hub.deliver(caller, subscription, sender, shutdown).await });
+        tokio::spawn(async move {
+            hub.deliver(caller, subscription, sender, shutdown).await;
+            drop(slot);
+        });
         Ok(receiver)
     }
 
@@ -387,6 +443,51 @@ impl<T: Transport> Hub<T> {
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+    }
+
+    /// Takes one `Send` from the caller's allowance, or refuses naming the limit.
+    fn take_send_allowance(&self, caller: &AgencyCode) -> Result<(), HubError> {
+        let rate = self.inner.config.limits.max_sends_per_second;
+        let mut buckets = self
+            .inner
+            .send_buckets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let bucket = buckets
+            .entry(caller.clone())
+            .or_insert_with(|| TokenBucket {
+                tokens: 2.0 * f64::from(rate),
+                refilled: Instant::now(),
+            });
+        if bucket.take(rate) {
+            return Ok(());
+        }
+        tracing::warn!(identity = %caller, action = "Send", "refused: rate limit");
+        Err(HubError::ResourceExhausted(format!(
+            "agency {caller} sends faster than {rate} documents per second (limits.max_sends_per_second); retry later"
+        )))
+    }
+
+    /// Reserves one of the caller's open streams, or refuses naming the limit.
+    fn open_stream_slot(&self, caller: &AgencyCode) -> Result<StreamSlot, HubError> {
+        let limit = self.inner.config.limits.max_streams_per_agency;
+        let mut open = self
+            .inner
+            .open_streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(caller.clone()).or_insert(0);
+        if *count >= limit {
+            tracing::warn!(identity = %caller, action = "Receive", "refused: too many open streams");
+            return Err(HubError::ResourceExhausted(format!(
+                "agency {caller} already has {limit} open Receive streams (limits.max_streams_per_agency)"
+            )));
+        }
+        *count += 1;
+        Ok(StreamSlot {
+            agency: caller.clone(),
+            open_streams: self.inner.open_streams.clone(),
+        })
     }
 
     /// Deliveries shown to `agency` and not yet settled.

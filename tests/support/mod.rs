@@ -109,6 +109,8 @@ pub struct HubOptions {
     pub checkpoint_every: u64,
     /// `[tls]`: mutual TLS when set.
     pub tls: Option<lienthong::tls::TlsFiles>,
+    pub max_streams_per_agency: u32,
+    pub max_sends_per_second: u32,
 }
 
 impl HubOptions {
@@ -128,6 +130,8 @@ impl HubOptions {
             sample_interval_ms: 200,
             checkpoint_every: 1000,
             tls: None,
+            max_streams_per_agency: 8,
+            max_sends_per_second: 10_000,
         }
     }
 }
@@ -180,6 +184,8 @@ file = "{directory}"
 [limits]
 max_document_bytes = {max_document_bytes}
 max_outbox_messages = {max_outbox_messages}
+max_streams_per_agency = {max_streams_per_agency}
+max_sends_per_second = {max_sends_per_second}
 [delivery]
 prefetch = {prefetch}
 delivery_limit = {delivery_limit}
@@ -207,6 +213,8 @@ sample_interval_ms = {sample_interval_ms}
             directory = directory_path.display(),
             max_document_bytes = options.max_document_bytes,
             max_outbox_messages = options.max_outbox_messages,
+            max_streams_per_agency = options.max_streams_per_agency,
+            max_sends_per_second = options.max_sends_per_second,
             prefetch = options.prefetch,
             delivery_limit = options.delivery_limit,
             retry_backoff_base_ms = options.retry_backoff_base_ms,
