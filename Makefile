@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: run run-amqp test chaos bench fmt lint rabbitmq browser clean-test-queues
+.PHONY: run run-amqp test chaos bench fuzz fmt lint rabbitmq browser clean-test-queues
 
 ## Starts a hub on the embedded transport (no RabbitMQ needed), gRPC on 127.0.0.1:50051.
 run:
@@ -29,6 +29,21 @@ chaos: rabbitmq
 ## 1,000,000 receipts. Results in target/bench/*.json.
 bench: rabbitmq
 	$(CARGO) bench -p lienthong --bench exchange --bench ledger
+
+## Fuzzes what the hub reads from outside (documents, configuration, directory, exported
+## ledgers) for FUZZ_SECONDS each; prints libFuzzer's run count per target. Installs cargo-fuzz.
+## New inputs go to fuzz/target/corpus; fuzz/corpus keeps only the small seed corpus.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS = document_from_wire config_parse directory_parse ledger_export_verify
+fuzz:
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz
+	@cd fuzz && for target in $(FUZZ_TARGETS); do \
+		mkdir -p target/corpus/$$target; \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$target target/corpus/$$target corpus/$$target \
+			-- -max_total_time=$(FUZZ_SECONDS) > target/$$target.log 2>&1; status=$$?; \
+		echo "fuzz $$target: $$(grep -E '^Done [0-9]+ runs' target/$$target.log || echo 'no summary') (exit $$status)"; \
+		[ $$status -eq 0 ] || { tail -n 30 target/$$target.log; exit 1; }; \
+	done
 
 fmt:
 	$(CARGO) fmt --all

@@ -283,3 +283,153 @@ async fn certificate_roles_grant_the_admin_and_audit_surfaces() {
     assert_eq!(list(unknown).await, Err(Code::Unauthenticated));
     hub.finish().await;
 }
+
+/// What a caller tries, in the authorization matrix.
+#[derive(Debug, Clone, Copy)]
+enum Action {
+    SendAsSelf,
+    SendAsCommune,
+    Receive,
+    Track,
+    ReportArrived,
+    ListQueues,
+    VerifyLedger,
+    ListReceiptsOfTheDocument,
+}
+
+/// The authorization matrix over real mutual TLS: each identity (by its certificate) against
+/// each surface. `Ok` or the gRPC code the hub answers.
+#[tokio::test]
+async fn the_authorization_matrix_holds_under_mutual_tls() {
+    use Action::*;
+    let dir = tempfile::tempdir().expect("dir");
+    let hub_code = PROVINCE.parse().expect("code");
+    let mut identities = test_agencies();
+    identities.push(AUDITOR.parse().expect("code"));
+    identities.push(STRANGER_CODE.parse().expect("code"));
+    let made = init_certificates(dir.path(), &hub_code, &identities).expect("certificates");
+    let hub = tls_hub("tls-matrix", &made).await;
+    let endpoint = https(&hub);
+    let tls = |identity: &str| client_tls(&made, identity);
+
+    let document_id = try_send(&endpoint, COMMUNE, Some(&tls(COMMUNE)), COMMUNE)
+        .await
+        .expect("the commune sends to the district");
+
+    let attempt = |identity: &'static str, action: Action| {
+        let endpoint = endpoint.clone();
+        let tls = tls(identity);
+        let document_id = document_id.clone();
+        async move {
+            let code = |status: tonic::Status| status.code();
+            match action {
+                SendAsSelf => try_send(&endpoint, identity, Some(&tls), identity)
+                    .await
+                    .map(|_| ()),
+                SendAsCommune => try_send(&endpoint, identity, Some(&tls), COMMUNE)
+                    .await
+                    .map(|_| ()),
+                Receive | Track | ReportArrived => {
+                    let mut client =
+                        lienthong::client::connect_with(&endpoint, identity, Some(&tls))
+                            .await
+                            .expect("connect");
+                    match action {
+                        Receive => client
+                            .receive(wire::ReceiveRequest {})
+                            .await
+                            .map(|_| ())
+                            .map_err(code),
+                        Track => client
+                            .track(wire::TrackRequest { document_id })
+                            .await
+                            .map(|_| ())
+                            .map_err(code),
+                        _ => client
+                            .report_status(wire::StatusReport {
+                                document_id,
+                                status_code: "01".into(),
+                                ..Default::default()
+                            })
+                            .await
+                            .map(|_| ())
+                            .map_err(code),
+                    }
+                }
+                ListQueues => {
+                    lienthong::client::connect_admin_with(&endpoint, identity, Some(&tls))
+                        .await
+                        .expect("connect")
+                        .list_queues(wire::ListQueuesRequest {})
+                        .await
+                        .map(|_| ())
+                        .map_err(code)
+                }
+                VerifyLedger | ListReceiptsOfTheDocument => {
+                    let mut audit =
+                        lienthong::client::connect_audit_with(&endpoint, identity, Some(&tls))
+                            .await
+                            .expect("connect");
+                    if matches!(action, VerifyLedger) {
+                        audit
+                            .verify_ledger(wire::VerifyLedgerRequest::default())
+                            .await
+                            .map(|_| ())
+                            .map_err(code)
+                    } else {
+                        audit
+                            .list_receipts(wire::ListReceiptsRequest {
+                                document_id,
+                                ..Default::default()
+                            })
+                            .await
+                            .map(|_| ())
+                            .map_err(code)
+                    }
+                }
+            }
+        }
+    };
+
+    let denied = Err(Code::PermissionDenied);
+    let unknown = Err(Code::NotFound);
+    let matrix: Vec<(&'static str, Action, Result<(), Code>)> = vec![
+        (COMMUNE, SendAsSelf, Ok(())),
+        (COMMUNE_2, SendAsCommune, denied),
+        (STRANGER_CODE, SendAsSelf, unknown),
+        (DISTRICT, Receive, Ok(())),
+        (STRANGER_CODE, Receive, unknown),
+        (COMMUNE, Track, Ok(())),
+        (DISTRICT, Track, Ok(())),
+        (COMMUNE_2, Track, denied),
+        (AUDITOR, Track, denied),
+        (DISTRICT, ReportArrived, Ok(())),
+        (COMMUNE, ReportArrived, denied),
+        (COMMUNE_2, ReportArrived, denied),
+        (PROVINCE, ListQueues, Ok(())),
+        (COMMUNE, ListQueues, denied),
+        (AUDITOR, ListQueues, denied),
+        (AUDITOR, VerifyLedger, Ok(())),
+        (PROVINCE, VerifyLedger, denied),
+        (COMMUNE, VerifyLedger, denied),
+        (AUDITOR, ListReceiptsOfTheDocument, Ok(())),
+        (COMMUNE, ListReceiptsOfTheDocument, Ok(())),
+        (DISTRICT, ListReceiptsOfTheDocument, Ok(())),
+        (COMMUNE_2, ListReceiptsOfTheDocument, denied),
+    ];
+    let mut wrong = Vec::new();
+    for (identity, action, expected) in &matrix {
+        let got = attempt(identity, *action).await;
+        if got != *expected {
+            wrong.push(format!(
+                "{identity} {action:?}: expected {expected:?}, got {got:?}"
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "authorization matrix:\n{}",
+        wrong.join("\n")
+    );
+    hub.finish().await;
+}

@@ -17,7 +17,6 @@ impl<T: Transport> Hub<T> {
         if self.config().operators.contains(&caller.agency) || caller.has(Role::Operator) {
             return Ok(());
         }
-        tracing::warn!(identity = %caller, action, "permission denied: not an operator");
         Err(HubError::PermissionDenied(format!(
             "{action}: {caller} is not an operator of this hub ([access] operators, or a certificate role operator)"
         )))

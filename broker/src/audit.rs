@@ -23,7 +23,6 @@ impl<T: Transport> Hub<T> {
         if self.is_auditor(caller) {
             return Ok(());
         }
-        tracing::warn!(identity = %caller, action, "permission denied: not an auditor");
         Err(HubError::PermissionDenied(format!(
             "{action}: {caller} is not an auditor of this hub ([access] auditors)"
         )))
@@ -55,7 +54,6 @@ impl<T: Transport> Hub<T> {
                 None => false,
             };
             if !allowed {
-                tracing::warn!(identity = %caller, action = "ListReceipts", "permission denied");
                 return Err(HubError::PermissionDenied(format!(
                     "ListReceipts: {caller} is not an auditor; an agency may list only the receipts of a document_id it sent or received"
                 )));

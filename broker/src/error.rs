@@ -51,7 +51,11 @@ impl From<HubError> for tonic::Status {
         match error {
             HubError::InvalidArgument { .. } => tonic::Status::invalid_argument(message),
             HubError::NotFound(_) => tonic::Status::not_found(message),
-            HubError::PermissionDenied(_) => tonic::Status::permission_denied(message),
+            HubError::PermissionDenied(_) => {
+                // The security log: every refusal names the identity and the action.
+                tracing::warn!(target: "lienthong::security", %message, "permission denied");
+                tonic::Status::permission_denied(message)
+            }
             HubError::Unauthenticated(_) => tonic::Status::unauthenticated(message),
             HubError::ResourceExhausted(_) => tonic::Status::resource_exhausted(message),
             HubError::AlreadyExists(_) => tonic::Status::already_exists(message),

@@ -263,7 +263,7 @@ impl<T: Transport> Hub<T> {
         let mut document = Document::from_wire(document, limits, now_unix_ms())?;
         if &document.from != caller {
             return Err(HubError::PermissionDenied(format!(
-                "document.from: agency {caller} may send only as itself, not as {}",
+                "Send: document.from: agency {caller} may send only as itself, not as {}",
                 document.from
             )));
         }
@@ -628,7 +628,7 @@ impl<T: Transport> Hub<T> {
                 }
                 Some(pending) if &pending.message.recipient != caller => {
                     return Err(HubError::PermissionDenied(format!(
-                        "ack_token: agency {caller} may settle only its own deliveries"
+                        "Ack: ack_token: agency {caller} may settle only its own deliveries"
                     )));
                 }
                 Some(pending) => {
@@ -742,7 +742,7 @@ impl<T: Transport> Hub<T> {
             Reporter::Recipient => {
                 if !recipients.contains(caller) {
                     return Err(HubError::PermissionDenied(format!(
-                        "status {code} on {}: agency {caller} is not a recipient of this document",
+                        "ReportStatus: status {code} on {}: agency {caller} is not a recipient of this document",
                         report.document_id
                     )));
                 }
@@ -751,7 +751,7 @@ impl<T: Transport> Hub<T> {
             Reporter::Sender => {
                 if &sender != caller {
                     return Err(HubError::PermissionDenied(format!(
-                        "status {code} on {}: only the sender may request a recall, not agency {caller}",
+                        "ReportStatus: status {code} on {}: only the sender may request a recall, not agency {caller}",
                         report.document_id
                     )));
                 }
@@ -782,7 +782,7 @@ impl<T: Transport> Hub<T> {
             document.from == caller.as_str() || document.to.iter().any(|to| to == caller.as_str());
         if !involved {
             return Err(HubError::PermissionDenied(format!(
-                "agency {caller} neither sent nor received document {document_id}"
+                "Track: agency {caller} neither sent nor received document {document_id}"
             )));
         }
         let receipts = self.inner.store.receipts_of(document_id)?;

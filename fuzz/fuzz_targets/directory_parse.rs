@@ -1,0 +1,12 @@
+//! Fuzzes the agency directory parser: any text gets a directory or a one-line error.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Err(message) = lienthong::directory::AgencyDirectory::parse(text) {
+            assert!(!message.contains('\n'), "errors are one line: {message}");
+        }
+    }
+});
