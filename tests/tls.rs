@@ -433,3 +433,110 @@ async fn the_authorization_matrix_holds_under_mutual_tls() {
     );
     hub.finish().await;
 }
+
+/// A new hub certificate (same CA), written over the old files.
+fn renew_hub_certificate(dir: &Path, files: &lienthong::tls::TlsFiles) {
+    let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).expect("CA");
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join("ca-key.pem")).expect("CA key"))
+            .expect("CA key");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+    params.subject_alt_names.push(rcgen::SanType::IpAddress(
+        std::net::Ipv4Addr::LOCALHOST.into(),
+    ));
+    let certificate = params.signed_by(&key, &issuer).expect("sign");
+    // Written aside and renamed, as a renewal tool does, so the hub never reads half a file.
+    for (path, text) in [
+        (&files.key_file, key.serialize_pem()),
+        (&files.cert_file, certificate.pem()),
+    ] {
+        let staged = path.with_extension("new");
+        std::fs::write(&staged, text).expect("write");
+        std::fs::rename(&staged, path).expect("rename");
+    }
+}
+
+/// The certificate the hub presents in a fresh handshake (DER).
+async fn presented_certificate(address: &str, made: &DevelopmentCertificates) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(&made.ca).expect("CA"))
+        .expect("root");
+    let client = client_tls(made, COMMUNE);
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        vec![CertificateDer::from_pem_file(&client.cert_file).expect("cert")],
+        PrivateKeyDer::from_pem_file(&client.key_file).expect("key"),
+    )
+    .expect("client auth");
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let tls = connector
+        .connect(ServerName::try_from("localhost").expect("name"), stream)
+        .await
+        .expect("handshake");
+    tls.get_ref().1.peer_certificates().expect("a certificate")[0].to_vec()
+}
+
+/// A renewed hub certificate is picked up without a restart, and open streams keep going.
+#[tokio::test]
+async fn a_renewed_certificate_is_used_without_dropping_streams() {
+    let dir = tempfile::tempdir().expect("dir");
+    let made = certificates(dir.path());
+    let hub = tls_hub("tls-reload", &made).await;
+    let endpoint = https(&hub);
+    let address = hub.endpoint.trim_start_matches("http://").to_owned();
+    let before = presented_certificate(&address, &made).await;
+
+    let mut district =
+        lienthong::client::connect_with(&endpoint, DISTRICT, Some(&client_tls(&made, DISTRICT)))
+            .await
+            .expect("connect");
+    let mut stream = open_stream(&mut district).await;
+
+    renew_hub_certificate(dir.path(), &made.hub);
+    eventually(
+        "new handshakes get the renewed certificate",
+        std::time::Duration::from_secs(15),
+        || {
+            let address = address.clone();
+            let before = before.clone();
+            let made = &made;
+            async move { presented_certificate(&address, made).await != before }
+        },
+    )
+    .await;
+
+    let id = try_send(
+        &endpoint,
+        COMMUNE,
+        Some(&client_tls(&made, COMMUNE)),
+        COMMUNE,
+    )
+    .await
+    .expect("sent after the renewal");
+    let delivery = next_delivery(&mut stream).await;
+    assert_eq!(
+        delivered_document(&delivery).document_id,
+        id,
+        "the stream opened before the renewal still delivers"
+    );
+    ack(&mut district, &delivery).await;
+
+    // A broken renewal is refused and the certificate in use stays.
+    let watched = lienthong::tls::ReloadingCertificate::load(&made.hub).expect("load");
+    std::fs::write(&made.hub.cert_file, "not a certificate").expect("write");
+    assert!(!watched.reload_if_changed());
+    hub.finish().await;
+}

@@ -111,7 +111,15 @@ async fn serve<T: Transport>(
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let tls = match &config.tls {
-        Some(files) => Some(crate::tls::server_config(files)?),
+        Some(files) => {
+            let (server_config, certificate) = crate::tls::server_config(files)?;
+            tokio::spawn(crate::tls::watch_certificate(
+                certificate,
+                crate::tls::RELOAD_CHECK,
+                stop.child_token(),
+            ));
+            Some(server_config)
+        }
         None => {
             tracing::warn!(
                 "running without authentication: callers are identified by the `{}` metadata; configure [tls] (mutual TLS) for production",
@@ -162,32 +170,35 @@ async fn serve<T: Transport>(
     let local_address = listener.local_addr()?;
     tracing::info!(grpc = %local_address, http = %http_address, "serving");
     let stop_streams = stop.clone();
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = builder
-            .tls_config(tls)
-            .context("[tls]: the certificate, key or client CA is not usable")?;
-    }
-    let served = builder
+    let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(exchange)
         .add_service(AdminServer::new(AdminService::new(hub.clone())))
-        .add_service(AuditServer::new(AuditService::new(hub.clone())))
-        .serve_with_incoming_shutdown(
+        .add_service(AuditServer::new(AuditService::new(hub.clone())));
+    let on_shutdown = async move {
+        shutdown.await;
+        tracing::info!("shutting down: refusing new requests, closing streams");
+        health_reporter
+            .set_not_serving::<DocumentExchangeServer<ExchangeService<T>>>()
+            .await;
+        stop_streams.cancel();
+    };
+    let served: std::pin::Pin<
+        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = match tls {
+        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
+            crate::tls::accept_tls(listener, tls, stop.clone()),
+            on_shutdown,
+        )),
+        None => Box::pin(router.serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async move {
-                shutdown.await;
-                tracing::info!("shutting down: refusing new requests, closing streams");
-                health_reporter
-                    .set_not_serving::<DocumentExchangeServer<ExchangeService<T>>>()
-                    .await;
-                stop_streams.cancel();
-            },
-        );
+            on_shutdown,
+        )),
+    };
     // The drain is bounded: once shutdown starts, requests in flight get the grace period, and
     // whatever was not confirmed by then is still in the outbox for the next start.
-    tokio::pin!(served);
+    let mut served = served;
     let result = tokio::select! {
         result = &mut served => result.context("gRPC server failed"),
         () = async { stop.cancelled().await; tokio::time::sleep(grace).await } => {

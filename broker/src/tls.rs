@@ -4,13 +4,20 @@
 //! Identity: a SAN URI `urn:lienthong:agency:<code>`, or failing that a subject CN that is an
 //! agency code. When the connection carries a client certificate, it alone names the caller;
 //! the `x-lienthong-agency` metadata is ignored. The server requires a client certificate
-//! signed by `client_ca_file` whenever TLS is on.
+//! signed by `client_ca_file` whenever TLS is on. The hub's own certificate and key are reloaded
+//! when their files change (checked every [`RELOAD_CHECK`]), so a renewal drops no stream.
 
 use crate::agency::AgencyCode;
 use crate::identity::{Caller, ROLE_URI_PREFIX, Role};
 use anyhow::Context;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use std::path::{Path, PathBuf};
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 /// The URI prefix of an agency identity in a certificate's subject alternative names.
 pub const AGENCY_URI_PREFIX: &str = "urn:lienthong:agency:";
@@ -27,19 +34,184 @@ fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))
 }
 
-/// The server side: TLS 1.2/1.3 (rustls, ring) with a required client certificate.
-pub fn server_config(files: &TlsFiles) -> anyhow::Result<ServerTlsConfig> {
-    let identity = Identity::from_pem(
-        read(&files.cert_file, "[tls] cert_file")?,
-        read(&files.key_file, "[tls] key_file")?,
-    );
-    Ok(ServerTlsConfig::new()
-        .identity(identity)
-        .client_ca_root(Certificate::from_pem(read(
-            &files.client_ca_file,
-            "[tls] client_ca_file",
-        )?))
-        .client_auth_optional(false))
+/// How often the hub looks at its certificate and key files for a renewal.
+pub const RELOAD_CHECK: Duration = Duration::from_secs(2);
+
+/// The hub's certificate, replaced in place when its files change: new handshakes use the new
+/// one, connections and streams already open go on.
+#[derive(Debug)]
+pub struct ReloadingCertificate {
+    files: TlsFiles,
+    current: RwLock<Arc<CertifiedKey>>,
+    /// (modified time, length) of the certificate and key files when last loaded.
+    seen: Mutex<Option<(FileStamp, FileStamp)>>,
+}
+
+type FileStamp = (Option<std::time::SystemTime>, u64);
+
+fn stamp(path: &Path) -> FileStamp {
+    std::fs::metadata(path).map_or((None, 0), |m| (m.modified().ok(), m.len()))
+}
+
+impl ReloadingCertificate {
+    pub fn load(files: &TlsFiles) -> anyhow::Result<Arc<ReloadingCertificate>> {
+        let stamps = (stamp(&files.cert_file), stamp(&files.key_file));
+        let key = certified_key(files)?;
+        Ok(Arc::new(ReloadingCertificate {
+            files: files.clone(),
+            current: RwLock::new(key),
+            seen: Mutex::new(Some(stamps)),
+        }))
+    }
+
+    /// Loads the files again if they changed; a bad renewal is logged and the old certificate
+    /// kept. Returns whether a new certificate is in use.
+    pub fn reload_if_changed(&self) -> bool {
+        let stamps = (stamp(&self.files.cert_file), stamp(&self.files.key_file));
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.as_ref() == Some(&stamps) {
+            return false;
+        }
+        *seen = Some(stamps);
+        match certified_key(&self.files) {
+            Ok(key) => {
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = key;
+                tracing::info!(cert = %self.files.cert_file.display(), "TLS certificate reloaded");
+                true
+            }
+            Err(error) => {
+                tracing::error!(%error, "the renewed TLS certificate is not usable; keeping the current one");
+                false
+            }
+        }
+    }
+}
+
+impl ResolvesServerCert for ReloadingCertificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+    }
+}
+
+fn certified_key(files: &TlsFiles) -> anyhow::Result<Arc<CertifiedKey>> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert_file)
+        .with_context(|| format!("cannot read [tls] cert_file {}", files.cert_file.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("[tls] cert_file {}", files.cert_file.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&files.key_file)
+        .with_context(|| format!("cannot read [tls] key_file {}", files.key_file.display()))?;
+    if chain.is_empty() {
+        anyhow::bail!(
+            "[tls] cert_file {} holds no certificate",
+            files.cert_file.display()
+        );
+    }
+    let signing_key = rustls::crypto::ring::sign::any_supported_type(&key)
+        .context("[tls] key_file: not a supported private key")?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    certified
+        .keys_match()
+        .context("[tls] key_file does not belong to cert_file")?;
+    Ok(Arc::new(certified))
+}
+
+/// The server side: TLS 1.2/1.3 with rustls and the ring provider, a client certificate signed
+/// by `client_ca_file` required, HTTP/2 by ALPN, and the hub's certificate reloaded on change.
+pub fn server_config(
+    files: &TlsFiles,
+) -> anyhow::Result<(Arc<rustls::ServerConfig>, Arc<ReloadingCertificate>)> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_file_iter(&files.client_ca_file).with_context(|| {
+        format!(
+            "cannot read [tls] client_ca_file {}",
+            files.client_ca_file.display()
+        )
+    })? {
+        roots
+            .add(certificate.context("[tls] client_ca_file")?)
+            .context("[tls] client_ca_file: not a usable CA certificate")?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .context("[tls] client_ca_file")?;
+    let certificate = ReloadingCertificate::load(files)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(certificate.clone());
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok((Arc::new(config), certificate))
+}
+
+/// TLS connections from `listener`, handshakes done off the accept loop; failed handshakes
+/// (no certificate, unknown CA, expired) are logged and dropped. Stops when `stop` fires.
+pub fn accept_tls(
+    listener: tokio::net::TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio_stream::wrappers::ReceiverStream<
+    std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+> {
+    let (sender, receiver) = tokio::sync::mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        tracing::warn!(%error, "accepting a connection failed");
+                        continue;
+                    }
+                },
+                () = stop.cancelled() => return,
+            };
+            let acceptor = acceptor.clone();
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = sender.send(Ok(tls)).await;
+                    }
+                    Ok(Err(error)) => {
+                        tracing::warn!(target: "lienthong::security", %peer, %error, "TLS handshake refused");
+                    }
+                    Err(_) => {
+                        tracing::warn!(target: "lienthong::security", %peer, "TLS handshake timed out")
+                    }
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(receiver)
+}
+
+/// Longest a client may take to complete its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reloads the hub's certificate whenever its files change, until `stop`.
+pub async fn watch_certificate(
+    certificate: Arc<ReloadingCertificate>,
+    every: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = stop.cancelled() => return,
+        }
+        certificate.reload_if_changed();
+    }
 }
 
 /// A client's certificate, key and the CA that signed the hub's certificate.
