@@ -42,6 +42,7 @@ async fn amqp(name: &str) -> Harness<AmqpTransport> {
     let transport = AmqpTransport::start(
         AmqpSettings {
             url: amqp_url(),
+            ca_pem: None,
             names: TopologyNames::new(&prefix),
             agencies: test_agencies(),
             delivery_limit: DELIVERY_LIMIT,

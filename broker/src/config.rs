@@ -50,8 +50,13 @@ pub struct TelemetryConfig {
 pub enum TransportConfig {
     /// Queues kept in the hub's own sled database: one process, no RabbitMQ.
     Embedded { prefix: String },
-    /// RabbitMQ over AMQP 0-9-1: the production transport.
-    Amqp { url: String, prefix: String },
+    /// RabbitMQ over AMQP 0-9-1: the production transport. `ca_file`: for `amqps://`, the CA
+    /// that signed RabbitMQ's certificate (PEM), instead of the system's roots.
+    Amqp {
+        url: String,
+        prefix: String,
+        ca_file: Option<PathBuf>,
+    },
 }
 
 impl TransportConfig {
@@ -70,10 +75,15 @@ impl std::fmt::Debug for TransportConfig {
             TransportConfig::Embedded { prefix } => {
                 f.debug_struct("Embedded").field("prefix", prefix).finish()
             }
-            TransportConfig::Amqp { url, prefix } => f
+            TransportConfig::Amqp {
+                url,
+                prefix,
+                ca_file,
+            } => f
                 .debug_struct("Amqp")
                 .field("url", &redact_url_password(url))
                 .field("prefix", prefix)
+                .field("ca_file", ca_file)
                 .finish(),
         }
     }
@@ -252,6 +262,7 @@ enum TransportKind {
 struct TransportToml {
     kind: TransportKind,
     amqp_url: String,
+    amqp_ca_file: String,
     prefix: String,
 }
 
@@ -260,6 +271,7 @@ impl Default for TransportToml {
         TransportToml {
             kind: TransportKind::Embedded,
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            amqp_ca_file: String::new(),
             prefix: "lienthong".into(),
         }
     }
@@ -357,6 +369,7 @@ impl Config {
                 TransportToml {
                     kind,
                     amqp_url,
+                    amqp_ca_file,
                     prefix,
                 },
             directory: DirectoryToml {
@@ -427,9 +440,16 @@ impl Config {
                 if !(amqp_url.starts_with("amqp://") || amqp_url.starts_with("amqps://")) {
                     return Err("[transport] amqp_url: must start with amqp:// or amqps://".into());
                 }
+                if !amqp_ca_file.is_empty() && !amqp_url.starts_with("amqps://") {
+                    return Err(
+                        "[transport] amqp_ca_file: only used with an amqps:// amqp_url".into(),
+                    );
+                }
                 TransportConfig::Amqp {
                     url: amqp_url,
                     prefix,
+                    ca_file: Some(PathBuf::from(amqp_ca_file))
+                        .filter(|p| !p.as_os_str().is_empty()),
                 }
             }
         };

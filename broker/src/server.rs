@@ -85,9 +85,16 @@ pub async fn run(
             )
             .await
         }
-        TransportConfig::Amqp { url, .. } => {
+        TransportConfig::Amqp { url, ca_file, .. } => {
+            let ca_pem = match ca_file {
+                Some(path) => Some(std::fs::read_to_string(path).with_context(|| {
+                    format!("cannot read [transport] amqp_ca_file {}", path.display())
+                })?),
+                None => None,
+            };
             let settings = AmqpSettings {
                 url: url.clone(),
+                ca_pem,
                 names,
                 agencies,
                 delivery_limit: config.delivery.queue_delivery_limit,

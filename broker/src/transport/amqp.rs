@@ -36,6 +36,9 @@ const SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct AmqpSettings {
     pub url: String,
+    /// For `amqps://`: the CA (PEM) that signed RabbitMQ's certificate; the system's roots
+    /// when `None`.
+    pub ca_pem: Option<String>,
     pub names: TopologyNames,
     /// Every agency gets a queue bound to its code (more are added by `add_queues`).
     pub agencies: Vec<AgencyCode>,
@@ -48,6 +51,7 @@ impl std::fmt::Debug for AmqpSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AmqpSettings")
             .field("url", &crate::config::redact_url_password(&self.url))
+            .field("ca_pem", &self.ca_pem.is_some())
             .field("names", &self.names)
             .field("agencies", &self.agencies.len())
             .field("delivery_limit", &self.delivery_limit)
@@ -472,7 +476,17 @@ async fn connect(
     settings: &AmqpSettings,
     agencies: &[AgencyCode],
 ) -> Result<Session, lapin::Error> {
-    let connection = Connection::connect(&settings.url, ConnectionProperties::default()).await?;
+    let tls = lapin::tcp::OwnedTLSConfig {
+        identity: None,
+        cert_chain: settings.ca_pem.clone(),
+    };
+    let connection = Connection::connect_with_config(
+        &settings.url,
+        ConnectionProperties::default(),
+        tls,
+        lapin::runtime::default_runtime()?,
+    )
+    .await?;
     let lost = CancellationToken::new();
     let mut events = connection.events_listener();
     let on_error = lost.clone();
