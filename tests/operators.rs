@@ -347,7 +347,6 @@ async fn json_logs_are_one_object_per_line() {
         grpc_listen: format!("127.0.0.1:{}", free_port()),
         ..options.clone()
     });
-    let config = files.config();
     let log = std::fs::File::create(&log_path).expect("create the log file");
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lienthong"))
         .args(["serve", "--config"])
@@ -357,12 +356,12 @@ async fn json_logs_are_one_object_per_line() {
         .kill_on_drop(true)
         .spawn()
         .expect("start the hub");
-    let endpoint = format!("http://{}", config.grpc_listen);
-    eventually("the hub serves", Duration::from_secs(20), || async {
-        lienthong::client::connect(&endpoint, PROVINCE)
-            .await
-            .is_ok()
-    })
+    // The port answers as soon as it is bound, before the first log line: wait for the line.
+    eventually(
+        "the hub logs that it serves",
+        Duration::from_secs(20),
+        || async { std::fs::read_to_string(&log_path).is_ok_and(|text| text.contains("serving")) },
+    )
     .await;
     child.kill().await.expect("stop the hub");
     let text = std::fs::read_to_string(&log_path).expect("read the log");
