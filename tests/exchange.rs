@@ -992,6 +992,68 @@ async fn the_queue_backstop_dead_letters_with_a_receipt() {
     hub.finish().await;
 }
 
+/// A `Document` as a client with a broken encoder might send it: the subject as raw bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawDocument {
+    #[prost(string, tag = "2")]
+    from: String,
+    #[prost(string, repeated, tag = "3")]
+    to: Vec<String>,
+    #[prost(bytes = "vec", tag = "4")]
+    subject: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawSendRequest {
+    #[prost(message, optional, tag = "1")]
+    document: Option<RawDocument>,
+}
+
+/// A subject that is not UTF-8 is refused as INVALID_ARGUMENT naming the field, not INTERNAL.
+#[tokio::test]
+async fn a_subject_that_is_not_utf8_is_an_invalid_argument() {
+    let hub = TestHub::start("not-utf8", HubOptions::new(TransportKind::Embedded)).await;
+    let channel = tonic::transport::Endpoint::from_shared(hub.endpoint.clone())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let mut request = tonic::Request::new(RawSendRequest {
+        document: Some(RawDocument {
+            from: COMMUNE.into(),
+            to: vec![DISTRICT.into()],
+            subject: vec![b'B', 0xC3, 0x28, b'o'],
+        }),
+    });
+    request
+        .metadata_mut()
+        .insert("x-lienthong-agency", COMMUNE.parse().expect("metadata"));
+    let refused = grpc
+        .unary::<_, wire::SendResponse, _>(
+            request,
+            tonic::codegen::http::uri::PathAndQuery::from_static(
+                "/lienthong.v1.DocumentExchange/Send",
+            ),
+            lienthong_proto::codec::Codec::<RawSendRequest, wire::SendResponse>::default(),
+        )
+        .await
+        .expect_err("not UTF-8");
+    assert_eq!(
+        refused.code(),
+        Code::InvalidArgument,
+        "{}",
+        refused.message()
+    );
+    assert!(
+        refused.message().contains("subject") && refused.message().contains("UTF-8"),
+        "{}",
+        refused.message()
+    );
+    hub.finish().await;
+}
+
 /// Per-agency limits: open streams and the send rate. A refusal names the limit and leaves
 /// nothing behind; other agencies are not affected.
 #[tokio::test]

@@ -3,6 +3,8 @@
 //! Only this crate and the broker's gRPC layer see these types; the rest of the hub works on
 //! validated domain types converted at the edge.
 
+pub mod codec;
+
 /// Messages and services of package `lienthong.v1`.
 pub mod v1 {
     #![allow(missing_docs, unreachable_pub, missing_debug_implementations)]
