@@ -540,3 +540,83 @@ async fn a_renewed_certificate_is_used_without_dropping_streams() {
     assert!(!watched.reload_if_changed());
     hub.finish().await;
 }
+
+/// A TLS endpoint in front of the local RabbitMQ (127.0.0.1:5672), presenting the development
+/// hub certificate (localhost): RabbitMQ itself, reached over `amqps://`. Returns its port.
+async fn tls_proxy_to_rabbitmq(files: &lienthong::tls::TlsFiles) -> u16 {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert_file)
+        .expect("cert")
+        .collect::<Result<_, _>>()
+        .expect("cert");
+    let key = PrivateKeyDer::from_pem_file(&files.key_file).expect("key");
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut client) = acceptor.accept(client).await else {
+                    return;
+                };
+                let Ok(mut broker) = tokio::net::TcpStream::connect("127.0.0.1:5672").await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
+            });
+        }
+    });
+    port
+}
+
+/// `amqps://` with `[transport] amqp_ca_file`: the hub trusts RabbitMQ's certificate through the
+/// configured CA and documents flow; without the CA (the system's roots) it never connects.
+#[tokio::test]
+async fn rabbitmq_over_amqps_with_the_configured_ca() {
+    let dir = tempfile::tempdir().expect("dir");
+    let made = certificates(dir.path());
+    let port = tls_proxy_to_rabbitmq(&made.hub).await;
+    let url = format!("amqps://guest:guest@localhost:{port}/%2f");
+
+    let untrusting = HubOptions {
+        amqp_url: Some(url.clone()),
+        ..HubOptions::new(TransportKind::Amqp)
+    };
+    let hub = TestHub::start("amqps-untrusted", untrusting).await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let (status, body) = http_get(&hub.options.http_listen, "/readyz").await;
+    assert_eq!(
+        status, 503,
+        "RabbitMQ's certificate is not signed by a system root: {body}"
+    );
+    hub.finish().await;
+
+    let trusting = HubOptions {
+        amqp_url: Some(url),
+        amqp_ca_file: Some(made.ca.clone()),
+        ..HubOptions::new(TransportKind::Amqp)
+    };
+    let hub = TestHub::start("amqps", trusting).await;
+    let mut commune = hub.client(COMMUNE).await;
+    let mut district = hub.client(DISTRICT).await;
+    let id = send(&mut commune, document(COMMUNE, &[DISTRICT], "qua amqps")).await;
+    let mut stream = open_stream(&mut district).await;
+    let delivery = next_delivery(&mut stream).await;
+    assert_eq!(delivered_document(&delivery).document_id, id);
+    ack(&mut district, &delivery).await;
+    let (status, _) = http_get(&hub.options.http_listen, "/readyz").await;
+    assert_eq!(status, 200);
+    hub.finish().await;
+}

@@ -100,6 +100,8 @@ pub struct Limits {
     pub max_outbox_messages: u64,
     /// Most attachments one document may have.
     pub max_attachments: usize,
+    /// Largest single attachment, in bytes.
+    pub max_attachment_bytes: usize,
     /// Longest short text field (subject, code, names, places), in bytes.
     pub max_field_bytes: usize,
     /// Most `Receive` streams one agency may hold open at once.
@@ -298,6 +300,7 @@ struct LimitsToml {
     max_recipients: usize,
     max_outbox_messages: u64,
     max_attachments: usize,
+    max_attachment_bytes: usize,
     max_field_bytes: usize,
     max_streams_per_agency: u32,
     max_sends_per_second: u32,
@@ -310,6 +313,7 @@ impl Default for LimitsToml {
             max_recipients: 1000,
             max_outbox_messages: 1_000_000,
             max_attachments: 100,
+            max_attachment_bytes: 16 * 1024 * 1024,
             max_field_bytes: 2048,
             max_streams_per_agency: 8,
             max_sends_per_second: 10_000,
@@ -381,6 +385,7 @@ impl Config {
                     max_recipients,
                     max_outbox_messages,
                     max_attachments,
+                    max_attachment_bytes,
                     max_field_bytes,
                     max_streams_per_agency,
                     max_sends_per_second,
@@ -559,6 +564,7 @@ impl Config {
                 max_recipients,
                 max_outbox_messages,
                 max_attachments,
+                max_attachment_bytes,
                 max_field_bytes,
                 max_streams_per_agency,
                 max_sends_per_second,

@@ -52,6 +52,7 @@ pub struct DocumentLimits {
     pub max_document_bytes: usize,
     pub max_recipients: usize,
     pub max_attachments: usize,
+    pub max_attachment_bytes: usize,
     pub max_field_bytes: usize,
 }
 
@@ -105,6 +106,15 @@ impl Document {
                 wire.attachments.len(),
                 limits.max_attachments
             )));
+        }
+        for (index, attachment) in wire.attachments.iter().enumerate() {
+            if attachment.content.len() > limits.max_attachment_bytes {
+                return Err(HubError::ResourceExhausted(format!(
+                    "document.attachments[{index}]: {} bytes exceed the limit of {} (limits.max_attachment_bytes)",
+                    attachment.content.len(),
+                    limits.max_attachment_bytes
+                )));
+            }
         }
         let mut fields: Vec<(String, &str)> = vec![
             ("document.subject".into(), wire.subject.as_str()),
@@ -277,6 +287,7 @@ mod tests {
         max_document_bytes: 1024,
         max_recipients: 3,
         max_attachments: 2,
+        max_attachment_bytes: 100,
         max_field_bytes: 64,
     };
     // 2015-09-30 10:00 in Vietnam.
@@ -375,6 +386,16 @@ mod tests {
         let error = Document::from_wire(many, LIMITS, NOW).expect_err("three attachments");
         assert!(
             matches!(&error, HubError::ResourceExhausted(m) if m.contains("max_attachments")),
+            "{error}"
+        );
+        let mut big = valid();
+        big.attachments = vec![wire::Attachment {
+            content: vec![0; 101],
+            ..Default::default()
+        }];
+        let error = Document::from_wire(big, LIMITS, NOW).expect_err("a 101-byte attachment");
+        assert!(
+            matches!(&error, HubError::ResourceExhausted(m) if m.contains("attachments[0]") && m.contains("max_attachment_bytes")),
             "{error}"
         );
     }

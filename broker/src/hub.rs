@@ -258,6 +258,7 @@ impl<T: Transport> Hub<T> {
             max_document_bytes: inner.config.limits.max_document_bytes,
             max_recipients: inner.config.limits.max_recipients,
             max_attachments: inner.config.limits.max_attachments,
+            max_attachment_bytes: inner.config.limits.max_attachment_bytes,
             max_field_bytes: inner.config.limits.max_field_bytes,
         };
         let mut document = Document::from_wire(document, limits, now_unix_ms())?;

@@ -59,6 +59,8 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // One TLS crypto provider for every rustls user in the process: ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let directory = AgencyDirectory::load(&config.directory_file)?;
     let store = Store::open_with(&config.data_dir, &config.hub_code, config.checkpoints)?;
     let agencies: Vec<_> = directory.codes().cloned().collect();

@@ -11,6 +11,7 @@ const LIMITS: DocumentLimits = DocumentLimits {
     max_document_bytes: 64 * 1024,
     max_recipients: 16,
     max_attachments: 8,
+    max_attachment_bytes: 16 * 1024,
     max_field_bytes: 256,
 };
 

@@ -111,6 +111,8 @@ pub struct HubOptions {
     pub tls: Option<lienthong::tls::TlsFiles>,
     pub max_streams_per_agency: u32,
     pub max_sends_per_second: u32,
+    /// `[transport] amqp_ca_file`, for an `amqps://` URL.
+    pub amqp_ca_file: Option<PathBuf>,
 }
 
 impl HubOptions {
@@ -132,6 +134,7 @@ impl HubOptions {
             tls: None,
             max_streams_per_agency: 8,
             max_sends_per_second: 10_000,
+            amqp_ca_file: None,
         }
     }
 }
@@ -178,6 +181,7 @@ data_dir = "{data_dir}"
 [transport]
 kind = "{kind}"
 amqp_url = "{amqp_url}"
+amqp_ca_file = "{amqp_ca_file}"
 prefix = "{prefix}"
 [directory]
 file = "{directory}"
@@ -214,6 +218,11 @@ sample_interval_ms = {sample_interval_ms}
             max_document_bytes = options.max_document_bytes,
             max_outbox_messages = options.max_outbox_messages,
             max_streams_per_agency = options.max_streams_per_agency,
+            amqp_ca_file = options
+                .amqp_ca_file
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
             max_sends_per_second = options.max_sends_per_second,
             prefetch = options.prefetch,
             delivery_limit = options.delivery_limit,
