@@ -72,14 +72,6 @@ async fn settled_ledger(hub: &TestHub) -> wire::GetLedgerInfoResponse {
     info().await
 }
 
-async fn lienthong(args: &[&str]) -> std::process::Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_lienthong"))
-        .args(args)
-        .output()
-        .await
-        .expect("run lienthong")
-}
-
 fn lines_of(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .expect("read the export")
@@ -116,36 +108,29 @@ async fn every_way_of_tampering_with_an_export_is_found_where_it_happened() {
 
     let dir = tempfile::tempdir().expect("dir");
     let file = dir.path().join("ledger.jsonl");
-    let exported = lienthong(&[
-        "audit",
-        "export",
-        "--endpoint",
-        &hub.endpoint,
-        "--as",
-        AUDITOR,
-        "--out",
-        file.to_str().expect("path"),
-    ])
-    .await;
-    assert!(
-        exported.status.success(),
-        "{}",
-        String::from_utf8_lossy(&exported.stderr)
+    stdout_of(
+        &lienthong(&[
+            "audit",
+            "export",
+            "--endpoint",
+            &hub.endpoint,
+            "--as",
+            AUDITOR,
+            "--out",
+            file.to_str().expect("path"),
+        ])
+        .await,
     );
     let key_hex = hex::encode(&info.public_key);
-    let verified = lienthong(&[
-        "audit",
-        "verify",
-        file.to_str().expect("path"),
-        "--public-key",
-        &key_hex,
-    ])
-    .await;
-    let said = String::from_utf8_lossy(&verified.stdout);
-    assert!(
-        verified.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&verified.stderr)
+    let said = stdout_of(
+        &lienthong(&[
+            "audit",
+            "verify",
+            file.to_str().expect("path"),
+            "--public-key",
+            &key_hex,
+        ])
+        .await,
     );
     assert!(
         said.contains(&format!("ok: {} records", info.size)),
@@ -286,38 +271,31 @@ async fn a_proof_verifies_offline_and_a_wrong_one_fails() {
     let dir = tempfile::tempdir().expect("dir");
     let proof = dir.path().join("proof.json");
     // The sender itself may prove a receipt of its document.
-    let proven = lienthong(&[
-        "audit",
-        "prove",
-        "--endpoint",
-        &hub.endpoint,
-        "--as",
-        COMMUNE,
-        "--seq",
-        &acknowledged.to_string(),
-        "--out",
-        proof.to_str().expect("path"),
-    ])
-    .await;
-    assert!(
-        proven.status.success(),
-        "{}",
-        String::from_utf8_lossy(&proven.stderr)
+    stdout_of(
+        &lienthong(&[
+            "audit",
+            "prove",
+            "--endpoint",
+            &hub.endpoint,
+            "--as",
+            COMMUNE,
+            "--seq",
+            &acknowledged.to_string(),
+            "--out",
+            proof.to_str().expect("path"),
+        ])
+        .await,
     );
     let key = hex::encode(&info.public_key);
-    let checked = lienthong(&[
-        "audit",
-        "verify-proof",
-        proof.to_str().expect("path"),
-        "--public-key",
-        &key,
-    ])
-    .await;
-    let said = String::from_utf8_lossy(&checked.stdout);
-    assert!(
-        checked.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&checked.stderr)
+    let said = stdout_of(
+        &lienthong(&[
+            "audit",
+            "verify-proof",
+            proof.to_str().expect("path"),
+            "--public-key",
+            &key,
+        ])
+        .await,
     );
     assert!(
         said.contains("ACKNOWLEDGED") && said.contains(&ids[1]),
@@ -568,22 +546,18 @@ async fn an_archived_range_verifies_from_its_file_and_the_rest_from_the_hub() {
     ])
     .await;
     assert!(!denied.status.success(), "only operators archive");
-    let archived = lienthong(&[
-        "audit",
-        "archive",
-        "--endpoint",
-        &hub.endpoint,
-        "--as",
-        PROVINCE,
-        "--up-to",
-        "12",
-    ])
-    .await;
-    let said = String::from_utf8_lossy(&archived.stdout);
-    assert!(
-        archived.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&archived.stderr)
+    let said = stdout_of(
+        &lienthong(&[
+            "audit",
+            "archive",
+            "--endpoint",
+            &hub.endpoint,
+            "--as",
+            PROVINCE,
+            "--up-to",
+            "12",
+        ])
+        .await,
     );
     let archive = hub
         .files
@@ -593,20 +567,17 @@ async fn an_archived_range_verifies_from_its_file_and_the_rest_from_the_hub() {
         said.contains("archived records 0..8"),
         "up to the checkpoint at 8: {said}"
     );
-    let verified = lienthong(&[
-        "audit",
-        "verify",
-        archive.to_str().expect("path"),
-        "--public-key",
-        &key,
-    ])
-    .await;
-    assert!(
-        String::from_utf8_lossy(&verified.stdout).contains("ok: 8 records"),
-        "{}{}",
-        String::from_utf8_lossy(&verified.stdout),
-        String::from_utf8_lossy(&verified.stderr)
+    let said = stdout_of(
+        &lienthong(&[
+            "audit",
+            "verify",
+            archive.to_str().expect("path"),
+            "--public-key",
+            &key,
+        ])
+        .await,
     );
+    assert!(said.contains("ok: 8 records"), "{said}");
 
     let mut auditor = audit_client(&hub, AUDITOR).await;
     let gone = auditor
@@ -643,36 +614,30 @@ async fn an_archived_range_verifies_from_its_file_and_the_rest_from_the_hub() {
     assert_eq!(check.records_checked, after.size - 8);
 
     let rest = hub.files.dir.path().join("rest.jsonl");
-    let exported = lienthong(&[
-        "audit",
-        "export",
-        "--endpoint",
-        &hub.endpoint,
-        "--as",
-        AUDITOR,
-        "--from",
-        "8",
-        "--out",
-        rest.to_str().expect("path"),
-    ])
-    .await;
-    assert!(
-        exported.status.success(),
-        "{}",
-        String::from_utf8_lossy(&exported.stderr)
+    stdout_of(
+        &lienthong(&[
+            "audit",
+            "export",
+            "--endpoint",
+            &hub.endpoint,
+            "--as",
+            AUDITOR,
+            "--from",
+            "8",
+            "--out",
+            rest.to_str().expect("path"),
+        ])
+        .await,
     );
-    let verified = lienthong(&[
-        "audit",
-        "verify",
-        rest.to_str().expect("path"),
-        "--public-key",
-        &key,
-    ])
-    .await;
-    assert!(
-        verified.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verified.stderr)
+    stdout_of(
+        &lienthong(&[
+            "audit",
+            "verify",
+            rest.to_str().expect("path"),
+            "--public-key",
+            &key,
+        ])
+        .await,
     );
     hub.finish().await;
 }

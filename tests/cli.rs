@@ -4,27 +4,8 @@
 mod support;
 
 use std::collections::HashSet;
-use std::process::Output;
 use std::time::Duration;
 use support::*;
-
-fn lienthong(args: &[&str]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_lienthong"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run the lienthong binary")
-}
-
-fn stdout_of(output: &Output) -> String {
-    assert!(
-        output.status.success(),
-        "lienthong failed: {}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
 
 /// Documents accepted while RabbitMQ is unreachable sit in the outbox; the hub is killed with
 /// SIGKILL; restarted on the same data directory with RabbitMQ reachable, it delivers every one.
@@ -100,8 +81,8 @@ async fn sigterm_stops_the_hub_gracefully() {
     );
 }
 
-#[test]
-fn configuration_errors_exit_64_with_one_line_naming_the_key() {
+#[tokio::test]
+async fn configuration_errors_exit_64_with_one_line_naming_the_key() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let cases = [
         (
@@ -117,13 +98,13 @@ fn configuration_errors_exit_64_with_one_line_naming_the_key() {
     for (text, key) in cases {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, text).expect("write config");
-        let output = lienthong(&["serve", "--config", path.to_str().expect("utf-8 path")]);
+        let output = lienthong(&["serve", "--config", path.to_str().expect("utf-8 path")]).await;
         assert_eq!(output.status.code(), Some(64), "{text}");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
         assert!(stderr.contains(key), "`{stderr}` names {key}");
     }
-    let missing = lienthong(&["serve", "--config", "/nonexistent/lienthong.toml"]);
+    let missing = lienthong(&["serve", "--config", "/nonexistent/lienthong.toml"]).await;
     assert_eq!(missing.status.code(), Some(64));
 }
 
@@ -138,25 +119,28 @@ async fn the_client_subcommands_send_receive_report_and_track() {
     let attachment = save_dir.path().join("to-trinh.txt");
     std::fs::write(&attachment, "phụ lục").expect("write attachment");
 
-    let sent = stdout_of(&lienthong(&[
-        "send",
-        "--endpoint",
-        &endpoint,
-        "--as",
-        COMMUNE,
-        "--to",
-        DISTRICT,
-        "--subject",
-        "Tờ trình số 12",
-        "--body",
-        "Kính gửi UBND huyện",
-        "--code-number",
-        "12",
-        "--code-notation",
-        "TTr-UBND",
-        "--attach",
-        attachment.to_str().expect("utf-8 path"),
-    ]));
+    let sent = stdout_of(
+        &lienthong(&[
+            "send",
+            "--endpoint",
+            &endpoint,
+            "--as",
+            COMMUNE,
+            "--to",
+            DISTRICT,
+            "--subject",
+            "Tờ trình số 12",
+            "--body",
+            "Kính gửi UBND huyện",
+            "--code-number",
+            "12",
+            "--code-notation",
+            "TTr-UBND",
+            "--attach",
+            attachment.to_str().expect("utf-8 path"),
+        ])
+        .await,
+    );
     let document_id = sent
         .lines()
         .next()
@@ -169,17 +153,20 @@ async fn the_client_subcommands_send_receive_report_and_track() {
     );
     assert!(sent.contains(&format!("ACCEPTED {DISTRICT}")), "{sent}");
 
-    let received = stdout_of(&lienthong(&[
-        "receive",
-        "--endpoint",
-        &endpoint,
-        "--as",
-        DISTRICT,
-        "--count",
-        "1",
-        "--save-dir",
-        save_dir.path().join("inbox").to_str().expect("utf-8 path"),
-    ]));
+    let received = stdout_of(
+        &lienthong(&[
+            "receive",
+            "--endpoint",
+            &endpoint,
+            "--as",
+            DISTRICT,
+            "--count",
+            "1",
+            "--save-dir",
+            save_dir.path().join("inbox").to_str().expect("utf-8 path"),
+        ])
+        .await,
+    );
     assert!(
         received.contains(&format!("document {document_id} from {COMMUNE}")),
         "{received}"
@@ -200,44 +187,53 @@ async fn the_client_subcommands_send_receive_report_and_track() {
         "phụ lục"
     );
 
-    let reported = stdout_of(&lienthong(&[
-        "status",
-        "--endpoint",
-        &endpoint,
-        "--as",
-        DISTRICT,
-        "--document",
-        &document_id,
-        "--code",
-        "03",
-        "--description",
-        "Đã vào sổ",
-    ]));
+    let reported = stdout_of(
+        &lienthong(&[
+            "status",
+            "--endpoint",
+            &endpoint,
+            "--as",
+            DISTRICT,
+            "--document",
+            &document_id,
+            "--code",
+            "03",
+            "--description",
+            "Đã vào sổ",
+        ])
+        .await,
+    );
     assert!(reported.contains("STATUS_REPORTED"), "{reported}");
 
-    let status = stdout_of(&lienthong(&[
-        "receive",
-        "--endpoint",
-        &endpoint,
-        "--as",
-        COMMUNE,
-        "--count",
-        "1",
-    ]));
+    let status = stdout_of(
+        &lienthong(&[
+            "receive",
+            "--endpoint",
+            &endpoint,
+            "--as",
+            COMMUNE,
+            "--count",
+            "1",
+        ])
+        .await,
+    );
     assert!(
         status.contains(&format!("status 03 on {document_id} from {DISTRICT}")),
         "{status}"
     );
 
-    let tracked = stdout_of(&lienthong(&[
-        "track",
-        "--endpoint",
-        &endpoint,
-        "--as",
-        COMMUNE,
-        "--document",
-        &document_id,
-    ]));
+    let tracked = stdout_of(
+        &lienthong(&[
+            "track",
+            "--endpoint",
+            &endpoint,
+            "--as",
+            COMMUNE,
+            "--document",
+            &document_id,
+        ])
+        .await,
+    );
     for expected in [
         "DELIVERY_STATE_ACKNOWLEDGED",
         "ACCEPTED",
@@ -249,27 +245,25 @@ async fn the_client_subcommands_send_receive_report_and_track() {
         assert!(tracked.contains(expected), "`{tracked}` shows {expected}");
     }
 
-    let queues = stdout_of(&lienthong(&[
-        "queues",
-        "--endpoint",
-        &endpoint,
-        "--as",
-        PROVINCE,
-    ]));
+    let queues =
+        stdout_of(&lienthong(&["queues", "--endpoint", &endpoint, "--as", PROVINCE]).await);
     assert!(
         queues.contains("AGENCY") && queues.contains(DISTRICT),
         "{queues}"
     );
-    let dead = stdout_of(&lienthong(&[
-        "dead-letters",
-        "list",
-        "--endpoint",
-        &endpoint,
-        "--as",
-        PROVINCE,
-        "--agency",
-        DISTRICT,
-    ]));
+    let dead = stdout_of(
+        &lienthong(&[
+            "dead-letters",
+            "list",
+            "--endpoint",
+            &endpoint,
+            "--as",
+            PROVINCE,
+            "--agency",
+            DISTRICT,
+        ])
+        .await,
+    );
     assert!(dead.contains("0 dead letters"), "{dead}");
 
     let refused = lienthong(&[
@@ -282,7 +276,8 @@ async fn the_client_subcommands_send_receive_report_and_track() {
         STRANGER_CODE,
         "--subject",
         "x",
-    ]);
+    ])
+    .await;
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
@@ -330,7 +325,8 @@ async fn a_damaged_database_is_refused_at_start() {
             "serve",
             "--config",
             files.config_path.to_str().expect("utf-8 path"),
-        ]);
+        ])
+        .await;
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(
             !output.status.success(),

@@ -112,19 +112,19 @@ async fn dead_letters_replay_in_steps_with_progress(kind: TransportKind) {
     )
     .await;
 
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_lienthong"))
-        .args([
-            "dead-letters",
-            "replay",
-            "--step",
-            "1",
-            "--agency",
-            DISTRICT,
-        ])
-        .args(["--endpoint", &hub.endpoint, "--as", PROVINCE])
-        .output()
-        .await
-        .expect("run lienthong dead-letters replay");
+    let output = lienthong(&[
+        "dead-letters",
+        "replay",
+        "--step",
+        "1",
+        "--agency",
+        DISTRICT,
+        "--endpoint",
+        &hub.endpoint,
+        "--as",
+        PROVINCE,
+    ])
+    .await;
     let progress = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{progress}");
     let steps: Vec<&str> = progress
@@ -199,8 +199,8 @@ async fn the_directory_reloads_without_dropping_streams(kind: TransportKind) {
         .expect_err("only operators reload");
     assert_eq!(denied.code(), Code::PermissionDenied);
 
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_lienthong"))
-        .args([
+    let printed = stdout_of(
+        &lienthong(&[
             "directory",
             "reload",
             "--endpoint",
@@ -208,11 +208,8 @@ async fn the_directory_reloads_without_dropping_streams(kind: TransportKind) {
             "--as",
             PROVINCE,
         ])
-        .output()
-        .await
-        .expect("run lienthong directory reload");
-    let printed = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{printed}");
+        .await,
+    );
     assert!(
         printed.contains(&format!("added {NEWCOMER}"))
             && printed.contains(&format!("{} agencies", test_agencies().len() + 1)),

@@ -549,6 +549,27 @@ pub fn data_dir_exists(path: &Path) -> bool {
 }
 
 /// Runs `rabbitmqctl` with arguments, failing the test if it fails.
+/// Runs the `lienthong` binary to completion, logging warnings only.
+pub async fn lienthong(args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_lienthong"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .expect("run the lienthong binary")
+}
+
+/// The standard output of a run that must have succeeded.
+pub fn stdout_of(output: &std::process::Output) -> String {
+    assert!(
+        output.status.success(),
+        "lienthong failed: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 pub fn rabbitmqctl(args: &[&str]) {
     let status = std::process::Command::new("rabbitmqctl")
         .args(args)
