@@ -6,9 +6,10 @@
 //! Flows count since the hub started; they are not persisted, so rates start again from zero
 //! after a restart while depths and ages, read from RabbitMQ and the store, do not.
 
+use crate::agency::AgencyCode;
 use crate::hub::{Hub, now_unix_ms};
 use crate::store::URGENCY_LEVELS;
-use crate::transport::Transport;
+use crate::transport::{QueueDepth, Transport};
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
@@ -83,18 +84,22 @@ struct History {
 impl Activity {
     /// A message was put on `agency`'s queue.
     pub fn enqueued(&self, agency: &str) {
-        lock(&self.flows)
-            .entry(agency.to_owned())
-            .or_default()
-            .enqueued += 1;
+        self.count(agency, |flow| flow.enqueued += 1);
     }
 
     /// `agency` acknowledged a message.
     pub fn acknowledged(&self, agency: &str) {
-        lock(&self.flows)
-            .entry(agency.to_owned())
-            .or_default()
-            .acknowledged += 1;
+        self.count(agency, |flow| flow.acknowledged += 1);
+    }
+
+    /// Updates one agency's flow; the key is allocated only the first time an agency is seen,
+    /// since this runs for every publish and every acknowledgement.
+    fn count(&self, agency: &str, update: impl FnOnce(&mut Flow)) {
+        let mut flows = lock(&self.flows);
+        match flows.get_mut(agency) {
+            Some(flow) => update(flow),
+            None => update(flows.entry(agency.to_owned()).or_default()),
+        }
     }
 
     /// Messages per second in and out of `agency`'s queue over the last minute.
@@ -128,13 +133,8 @@ impl Activity {
         (history.queues.clone(), history.transport_error.clone())
     }
 
-    fn record(
-        &self,
-        sample: Sample,
-        queues: Vec<QueueView>,
-        transport_error: Option<String>,
-        at: Instant,
-    ) {
+    /// Adds a sample to the history, and the flows as they are now to the rate window.
+    fn record(&self, sample: Sample, at: Instant) {
         let flows = lock(&self.flows).clone();
         let mut history = lock(&self.history);
         let oldest_kept = sample.at_unix_ms - HISTORY.as_millis() as i64;
@@ -154,9 +154,62 @@ impl Activity {
             history.recent_flows.pop_front();
         }
         history.recent_flows.push_back((at, flows));
+    }
+
+    fn set_queues(&self, queues: Vec<QueueView>, transport_error: Option<String>) {
+        let mut history = lock(&self.history);
         history.queues = queues;
         history.transport_error = transport_error;
     }
+}
+
+/// One agency's queue as read now.
+#[derive(Debug, Clone)]
+pub struct QueueReading {
+    pub agency: AgencyCode,
+    /// Unknown (zero) once the transport failed to answer for an earlier queue.
+    pub depth: QueueDepth,
+    /// Deliveries shown on this hub's streams and not yet settled.
+    pub unacknowledged: u64,
+    /// When the oldest message waiting at each urgency was accepted.
+    pub oldest_accepted: [Option<i64>; URGENCY_LEVELS],
+}
+
+impl QueueReading {
+    /// When the oldest waiting message, of any urgency, was accepted.
+    pub fn oldest(&self) -> Option<i64> {
+        self.oldest_accepted.iter().flatten().min().copied()
+    }
+}
+
+/// Reads every agency's queue: depth and consumers from the transport, which is asked until its
+/// first error (returned beside the readings), and the waiting ages from the store.
+pub async fn read_queues<T: Transport>(
+    hub: &Hub<T>,
+) -> Result<(Vec<QueueReading>, Option<String>), crate::store::StoreError> {
+    let directory = hub.directory();
+    let mut readings = Vec::with_capacity(directory.len());
+    let mut transport_error = None;
+    for agency in directory.codes() {
+        let depth = if transport_error.is_none() {
+            match hub.transport().queue_depth(agency).await {
+                Ok(depth) => depth,
+                Err(error) => {
+                    transport_error = Some(error.to_string());
+                    QueueDepth::default()
+                }
+            }
+        } else {
+            QueueDepth::default()
+        };
+        readings.push(QueueReading {
+            agency: agency.clone(),
+            depth,
+            unacknowledged: hub.unacknowledged_of(agency),
+            oldest_accepted: hub.store().oldest_waiting(agency.as_str())?,
+        });
+    }
+    Ok((readings, transport_error))
 }
 
 /// Samples the hub every `interval` until `shutdown`.
@@ -188,50 +241,41 @@ pub async fn sample<T: Transport>(hub: &Hub<T>) -> Result<(), crate::store::Stor
         acknowledged: flows.values().map(|f| f.acknowledged).sum(),
         ..Sample::default()
     };
-    let mut transport_error = None;
-    let directory = hub.directory();
-    let mut queues = Vec::with_capacity(directory.len());
-    for agency in directory.codes() {
-        let depth = if transport_error.is_none() {
-            match hub.transport().queue_depth(agency).await {
-                Ok(depth) => depth,
-                Err(error) => {
-                    transport_error = Some(error.to_string());
-                    Default::default()
-                }
-            }
-        } else {
-            Default::default()
-        };
-        let waiting = store.oldest_waiting(agency.as_str())?;
-        for (urgency, accepted_at) in waiting.iter().enumerate() {
+    let (readings, transport_error) = read_queues(hub).await?;
+    for reading in &readings {
+        for (urgency, accepted_at) in reading.oldest_accepted.iter().enumerate() {
             if let Some(accepted_at) = accepted_at {
                 let age = now - accepted_at;
                 let slot = &mut sample.oldest_waiting_ms[urgency];
                 *slot = Some(slot.map_or(age, |known| known.max(age)));
             }
         }
-        let unacknowledged = hub.unacknowledged_of(agency);
-        sample.ready += depth.ready;
-        sample.unacknowledged += unacknowledged;
-        queues.push(QueueView {
-            agency: agency.to_string(),
-            ready: depth.ready,
-            unacknowledged,
-            consumers: depth.consumers,
-            oldest_waiting_ms: waiting.iter().flatten().min().map(|at| now - at),
-            rates: Rates::default(),
-        });
+        sample.ready += reading.depth.ready;
+        sample.unacknowledged += reading.unacknowledged;
     }
-    hub.metrics().set_queue_gauges(&queues, &sample);
     let activity = hub.activity();
-    activity.record(sample, queues, transport_error, at);
-    // Rates need the snapshot just recorded as the window's newest; fill them in afterwards.
-    let (mut queues, _) = activity.queues();
-    for queue in &mut queues {
-        queue.rates = activity.rates(&queue.agency);
-    }
-    lock(&activity.history).queues = queues;
+    // Rates are measured against the window that includes the flows recorded now.
+    let queues: Vec<QueueView> = readings
+        .iter()
+        .map(|reading| QueueView {
+            agency: reading.agency.to_string(),
+            ready: reading.depth.ready,
+            unacknowledged: reading.unacknowledged,
+            consumers: reading.depth.consumers,
+            oldest_waiting_ms: reading.oldest().map(|at| now - at),
+            rates: Rates::default(),
+        })
+        .collect();
+    hub.metrics().set_queue_gauges(&queues, &sample);
+    activity.record(sample, at);
+    let queues = queues
+        .into_iter()
+        .map(|queue| QueueView {
+            rates: activity.rates(&queue.agency),
+            ..queue
+        })
+        .collect();
+    activity.set_queues(queues, transport_error);
     Ok(())
 }
 
@@ -250,7 +294,7 @@ mod tests {
     fn rates_are_measured_from_the_oldest_snapshot_in_the_window() {
         let activity = Activity::default();
         let start = Instant::now() - Duration::from_secs(10);
-        activity.record(Sample::default(), Vec::new(), None, start);
+        activity.record(Sample::default(), start);
         for _ in 0..50 {
             activity.enqueued("000.21.31.H53");
         }
@@ -278,7 +322,7 @@ mod tests {
                 at_unix_ms: now - minutes_ago * 60_000,
                 ..Sample::default()
             };
-            activity.record(sample, Vec::new(), None, Instant::now());
+            activity.record(sample, Instant::now());
         }
         let kept: Vec<i64> = activity
             .samples()

@@ -26,50 +26,35 @@ impl<T: Transport> Hub<T> {
     pub async fn list_queues(&self, caller: &Caller) -> Result<wire::ListQueuesResponse, HubError> {
         self.require_operator(caller, "ListQueues")?;
         let kept = self.store().dead_letters(None, usize::MAX)?;
-        let directory = self.directory();
-        let mut queues = Vec::with_capacity(directory.len());
         let names = crate::transport::TopologyNames::new(self.config().transport.prefix());
-        let mut transport_error = String::new();
         let now = now_unix_ms();
-        for agency in directory.codes() {
-            let depth = if transport_error.is_empty() {
-                match self.transport().queue_depth(agency).await {
-                    Ok(depth) => depth,
-                    Err(error) => {
-                        transport_error = error.to_string();
-                        Default::default()
-                    }
+        let (readings, transport_error) = crate::activity::read_queues(self).await?;
+        let queues = readings
+            .into_iter()
+            .map(|reading| {
+                let agency = &reading.agency;
+                let rates = self.activity().rates(agency.as_str());
+                wire::QueueStats {
+                    agency: agency.to_string(),
+                    queue: names.agency_queue(agency),
+                    ready: reading.depth.ready,
+                    unacknowledged: reading.unacknowledged,
+                    consumers: reading.depth.consumers,
+                    dead_letters: kept
+                        .iter()
+                        .filter(|(_, d)| d.recipient == agency.as_str())
+                        .count() as u64,
+                    oldest_message_age_ms: reading.oldest().map_or(0, |at| (now - at).max(0)),
+                    in_per_second: rates.in_per_second,
+                    out_per_second: rates.out_per_second,
                 }
-            } else {
-                Default::default()
-            };
-            let oldest = self
-                .store()
-                .oldest_waiting(agency.as_str())?
-                .into_iter()
-                .flatten()
-                .min();
-            let rates = self.activity().rates(agency.as_str());
-            queues.push(wire::QueueStats {
-                agency: agency.to_string(),
-                queue: names.agency_queue(agency),
-                ready: depth.ready,
-                unacknowledged: self.unacknowledged_of(agency),
-                consumers: depth.consumers,
-                dead_letters: kept
-                    .iter()
-                    .filter(|(_, d)| d.recipient == agency.as_str())
-                    .count() as u64,
-                oldest_message_age_ms: oldest.map_or(0, |at| (now - at).max(0)),
-                in_per_second: rates.in_per_second,
-                out_per_second: rates.out_per_second,
-            });
-        }
+            })
+            .collect();
         Ok(wire::ListQueuesResponse {
             queues,
             outbox_depth: self.store().outbox_len(),
             dead_letters: kept.len() as u64,
-            transport_error,
+            transport_error: transport_error.unwrap_or_default(),
         })
     }
 

@@ -670,10 +670,7 @@ pub fn describe_receipt(receipt: &wire::Receipt) -> String {
     let mut line = format!(
         "#{} {} {} at {}",
         receipt.seq,
-        receipt
-            .kind()
-            .as_str_name()
-            .trim_start_matches("RECEIPT_KIND_"),
+        crate::receipt::kind_name(receipt),
         receipt.agency,
         receipt.at_unix_ms
     );

@@ -57,14 +57,9 @@ fn status_document<T: Transport>(
     let store = hub.store();
     let (queues, transport_error) = hub.activity().queues();
     let dead_letter_count = store.dead_letter_count();
-    let skip = usize::try_from(dead_letter_count)
-        .unwrap_or(usize::MAX)
-        .saturating_sub(STATUS_PAGE_ROWS);
     let dead_letters: Vec<serde_json::Value> = store
-        .dead_letters(None, usize::MAX)?
+        .newest_dead_letters(STATUS_PAGE_ROWS)?
         .into_iter()
-        .skip(skip)
-        .rev()
         .map(|(id, dead)| {
             serde_json::json!({
                 "id": id,
@@ -82,7 +77,7 @@ fn status_document<T: Transport>(
         .map(|receipt| {
             serde_json::json!({
                 "seq": receipt.seq,
-                "kind": receipt.kind().as_str_name().trim_start_matches("RECEIPT_KIND_"),
+                "kind": crate::receipt::kind_name(&receipt),
                 "agency": receipt.agency,
                 "document_id": receipt.document_id,
                 "at_unix_ms": receipt.at_unix_ms,

@@ -8,6 +8,15 @@ use lienthong_proto::v1 as wire;
 
 pub use wire::{DeliveryState, ReceiptKind};
 
+/// A receipt kind as people read it: `ACCEPTED`, `DEAD_LETTERED`… (the enum name without its
+/// `RECEIPT_KIND_` prefix).
+pub fn kind_name(receipt: &wire::Receipt) -> &'static str {
+    receipt
+        .kind()
+        .as_str_name()
+        .trim_start_matches("RECEIPT_KIND_")
+}
+
 /// The delivery state a recipient's receipts (in sequence order) add up to.
 ///
 /// Acknowledged is final; dead-lettered lasts until an operator replays the message; a

@@ -193,7 +193,7 @@ async fn serve<T: Transport>(
             .await;
         stop_streams.cancel();
     };
-    let served: std::pin::Pin<
+    let mut served: std::pin::Pin<
         Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
     > = match tls {
         Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
@@ -207,7 +207,6 @@ async fn serve<T: Transport>(
     };
     // The drain is bounded: once shutdown starts, requests in flight get the grace period, and
     // whatever was not confirmed by then is still in the outbox for the next start.
-    let mut served = served;
     let result = tokio::select! {
         result = &mut served => result.context("gRPC server failed"),
         () = async { stop.cancelled().await; tokio::time::sleep(grace).await } => {

@@ -106,9 +106,7 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
             to,
         } => export_file(client, out, from, to).await,
         AuditCommand::Verify { file, public_key } => {
-            let key = parse_key(&public_key)?;
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
+            let (text, key) = read_with_key(&file, &public_key)?;
             match export::verify(&text, &key) {
                 Ok(verified) => {
                     println!(
@@ -133,17 +131,12 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
             out,
         } => prove(client, index, seq, out).await,
         AuditCommand::VerifyProof { file, public_key } => {
-            let key = parse_key(&public_key)?;
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
+            let (text, key) = read_with_key(&file, &public_key)?;
             let (index, receipt) = verify_proof(&text, &key)?;
             println!(
                 "ok: record {index} (receipt #{} {} {} of {}) is in the ledger signed by the key",
                 receipt.seq,
-                receipt
-                    .kind()
-                    .as_str_name()
-                    .trim_start_matches("RECEIPT_KIND_"),
+                crate::receipt::kind_name(&receipt),
                 receipt.agency,
                 receipt.document_id
             );
@@ -179,6 +172,14 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// What the offline commands take: a file's text, and the hub's public key from hex.
+fn read_with_key(file: &std::path::Path, public_key: &str) -> anyhow::Result<(String, Vec<u8>)> {
+    let key = parse_key(public_key)?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    Ok((text, key))
 }
 
 fn parse_key(text: &str) -> anyhow::Result<Vec<u8>> {
@@ -272,7 +273,7 @@ async fn receipts(args: ReceiptsArgs) -> anyhow::Result<()> {
                     "{},{},{},{},{},{},{},{}",
                     record.index,
                     r.seq,
-                    r.kind().as_str_name().trim_start_matches("RECEIPT_KIND_"),
+                    crate::receipt::kind_name(&r),
                     r.agency,
                     field(&r.document_id),
                     r.at_unix_ms,
@@ -294,7 +295,7 @@ async fn receipts(args: ReceiptsArgs) -> anyhow::Result<()> {
                     "{:>8} {:>8} {:<16} {:<15} {:<45} {:>14}",
                     record.index,
                     r.seq,
-                    r.kind().as_str_name().trim_start_matches("RECEIPT_KIND_"),
+                    crate::receipt::kind_name(&r),
                     r.agency,
                     r.document_id,
                     r.at_unix_ms

@@ -126,10 +126,6 @@ impl LedgerTrees {
     }
 }
 
-fn ledger_nodes(store: &Store) -> sled::Tree {
-    store.ledger().nodes.clone()
-}
-
 /// Complete Merkle subtrees kept in `ledger_nodes`.
 struct StoredNodes<'a>(&'a sled::Tree);
 
@@ -651,7 +647,7 @@ impl Store {
         let checkpoints = self.ledger_checkpoints(from, to)?;
         let mut checkpoints = checkpoints.iter().peekable();
         let public_key = self.ledger_public_key();
-        let mut frontier = Some(Frontier::restore(&StoredNodes(&ledger_nodes(self)), from)?);
+        let mut frontier = Some(Frontier::restore(&StoredNodes(&self.ledger().nodes), from)?);
         let mut verification = Verification {
             records_checked: 0,
             checkpoints_checked: 0,

@@ -762,15 +762,26 @@ impl Store {
             if kept.len() >= limit {
                 break;
             }
-            let (key, value) = item?;
-            let dead_letter =
-                wire::StoredDeadLetter::decode(&*value).map_err(corrupt("dead_letters"))?;
+            let (id, dead_letter) = decode_dead_letter(item?)?;
             if recipient.is_none_or(|r| r == dead_letter.recipient) {
-                let id = <[u8; 8]>::try_from(&*key).map_or(0, u64::from_be_bytes);
                 kept.push((id, dead_letter));
             }
         }
         Ok(kept)
+    }
+
+    /// The newest `limit` dead letters, newest first, with their ids.
+    pub fn newest_dead_letters(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(u64, wire::StoredDeadLetter)>, StoreError> {
+        self.inner
+            .dead_letters
+            .iter()
+            .rev()
+            .take(limit)
+            .map(|item| decode_dead_letter(item?))
+            .collect()
     }
 
     /// How many dead letters the hub keeps.
@@ -1104,6 +1115,15 @@ fn encode_queued_document(header: wire::QueuedMessage, document_bytes: &[u8]) ->
     prost::encoding::encode_varint(document_bytes.len() as u64, &mut buffer);
     buffer.extend_from_slice(document_bytes);
     buffer
+}
+
+/// A `dead_letters` entry: its id (the key) and the dead letter.
+fn decode_dead_letter(
+    (key, value): (sled::IVec, sled::IVec),
+) -> Result<(u64, wire::StoredDeadLetter), StoreError> {
+    let dead_letter = wire::StoredDeadLetter::decode(&*value).map_err(corrupt("dead_letters"))?;
+    let id = <[u8; 8]>::try_from(&*key).map_or(0, u64::from_be_bytes);
+    Ok((id, dead_letter))
 }
 
 fn corrupt(tree: &'static str) -> impl Fn(prost::DecodeError) -> StoreError {
