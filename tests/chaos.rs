@@ -332,15 +332,7 @@ mod faults {
         shared: &Shared,
         expect_dead_lettered: usize,
     ) -> String {
-        let kept = || async {
-            operator(endpoint)
-                .await
-                .list_queues(wire::ListQueuesRequest {})
-                .await
-                .expect("list queues")
-                .into_inner()
-                .dead_letters as usize
-        };
+        let kept = || async { list_queues(endpoint).await.dead_letters as usize };
         if expect_dead_lettered > 0 {
             eventually(
                 "the dead letters are kept",

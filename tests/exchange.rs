@@ -877,16 +877,7 @@ async fn operators_list_queues_and_others_may_not<K: Into<Kind>>(kind: K) {
         .await;
     }
     let admin = operator(&hub.endpoint).await;
-    let list = || {
-        let mut admin = admin.clone();
-        async move {
-            admin
-                .list_queues(wire::ListQueuesRequest {})
-                .await
-                .expect("list queues")
-                .into_inner()
-        }
-    };
+    let list = || list_queues(&hub.endpoint);
     let waiting = |listed: &wire::ListQueuesResponse| {
         listed
             .queues

@@ -13,15 +13,6 @@ use tonic::Code;
 /// An agency added to the directory by the reload test.
 const NEWCOMER: &str = "000.23.31.H53";
 
-async fn list_queues(endpoint: &str) -> wire::ListQueuesResponse {
-    operator(endpoint)
-        .await
-        .list_queues(wire::ListQueuesRequest {})
-        .await
-        .expect("list queues")
-        .into_inner()
-}
-
 fn queue<'a>(listed: &'a wire::ListQueuesResponse, agency: &str) -> &'a wire::QueueStats {
     listed
         .queues

@@ -27,15 +27,21 @@ fn client_tls(made: &DevelopmentCertificates, agency: &str) -> ClientTls {
     }
 }
 
-/// A client certificate signed by the development CA in `dir`, with these SAN URIs and, when
-/// `expired`, valid only in 2020.
-fn issue(dir: &Path, name: &str, uris: &[String], expired: bool) -> ClientTls {
+/// Signs `params` with the development CA in `dir`, for a new key: (certificate, key) as PEM.
+fn sign_with_development_ca(dir: &Path, params: rcgen::CertificateParams) -> (String, String) {
     let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).expect("CA");
     let ca_key =
         rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join("ca-key.pem")).expect("CA key"))
             .expect("CA key");
     let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
     let key = rcgen::KeyPair::generate().expect("key");
+    let certificate = params.signed_by(&key, &issuer).expect("sign");
+    (certificate.pem(), key.serialize_pem())
+}
+
+/// A client certificate signed by the development CA in `dir`, with these SAN URIs and, when
+/// `expired`, valid only in 2020.
+fn issue(dir: &Path, name: &str, uris: &[String], expired: bool) -> ClientTls {
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
     for uri in uris {
         params
@@ -46,11 +52,11 @@ fn issue(dir: &Path, name: &str, uris: &[String], expired: bool) -> ClientTls {
         params.not_before = rcgen::date_time_ymd(2020, 1, 1);
         params.not_after = rcgen::date_time_ymd(2020, 12, 31);
     }
-    let certificate = params.signed_by(&key, &issuer).expect("sign");
+    let (certificate, key) = sign_with_development_ca(dir, params);
     let cert_file = dir.join(format!("{name}.pem"));
     let key_file = dir.join(format!("{name}-key.pem"));
-    std::fs::write(&cert_file, certificate.pem()).expect("write");
-    std::fs::write(&key_file, key.serialize_pem()).expect("write");
+    std::fs::write(&cert_file, certificate).expect("write");
+    std::fs::write(&key_file, key).expect("write");
     ClientTls {
         ca_file: dir.join("ca.pem"),
         cert_file,
@@ -72,6 +78,15 @@ async fn tls_hub(name: &str, made: &DevelopmentCertificates) -> TestHub {
 
 fn https(hub: &TestHub) -> String {
     hub.endpoint.replace("http://", "https://")
+}
+
+/// How a call fails when the TLS handshake under it was refused: the connection is gone
+/// before any gRPC status, so the client reports a transport failure.
+fn refused_at_handshake<T>(answer: &Result<T, Code>) -> bool {
+    matches!(
+        answer,
+        Err(Code::Unavailable | Code::Unknown | Code::Internal)
+    )
 }
 
 /// What a client gets when it talks to the hub: `Ok` or the gRPC status code.
@@ -158,8 +173,8 @@ async fn missing_foreign_and_expired_certificates_are_refused() {
             request
                 .metadata_mut()
                 .insert("x-lienthong-agency", COMMUNE.parse().expect("metadata"));
-            let answer = client.send(request).await;
-            matches!(answer, Err(status) if status.code() == Code::Unavailable || status.code() == Code::Unknown || status.code() == Code::Internal)
+            let answer = client.send(request).await.map(|_| ()).map_err(|s| s.code());
+            refused_at_handshake(&answer)
         }
     };
     assert!(
@@ -176,10 +191,7 @@ async fn missing_foreign_and_expired_certificates_are_refused() {
     };
     let answer = try_send(&endpoint, COMMUNE, Some(&foreign_tls), COMMUNE).await;
     assert!(
-        matches!(
-            answer,
-            Err(Code::Unavailable | Code::Unknown | Code::Internal)
-        ),
+        refused_at_handshake(&answer),
         "a certificate from an unknown CA is refused at the handshake: {answer:?}"
     );
 
@@ -187,10 +199,7 @@ async fn missing_foreign_and_expired_certificates_are_refused() {
     let expired = issue(dir.path(), "expired", &[agency_uri(COMMUNE)], true);
     let answer = try_send(&endpoint, COMMUNE, Some(&expired), COMMUNE).await;
     assert!(
-        matches!(
-            answer,
-            Err(Code::Unavailable | Code::Unknown | Code::Internal)
-        ),
+        refused_at_handshake(&answer),
         "an expired certificate is refused at the handshake: {answer:?}"
     );
 
@@ -436,22 +445,13 @@ async fn the_authorization_matrix_holds_under_mutual_tls() {
 
 /// A new hub certificate (same CA), written over the old files.
 fn renew_hub_certificate(dir: &Path, files: &lienthong::tls::TlsFiles) {
-    let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).expect("CA");
-    let ca_key =
-        rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join("ca-key.pem")).expect("CA key"))
-            .expect("CA key");
-    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
-    let key = rcgen::KeyPair::generate().expect("key");
     let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
     params.subject_alt_names.push(rcgen::SanType::IpAddress(
         std::net::Ipv4Addr::LOCALHOST.into(),
     ));
-    let certificate = params.signed_by(&key, &issuer).expect("sign");
+    let (certificate, key) = sign_with_development_ca(dir, params);
     // Written aside and renamed, as a renewal tool does, so the hub never reads half a file.
-    for (path, text) in [
-        (&files.key_file, key.serialize_pem()),
-        (&files.cert_file, certificate.pem()),
-    ] {
+    for (path, text) in [(&files.key_file, key), (&files.cert_file, certificate)] {
         let staged = path.with_extension("new");
         std::fs::write(&staged, text).expect("write");
         std::fs::rename(&staged, path).expect("rename");

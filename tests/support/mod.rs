@@ -643,6 +643,16 @@ pub async fn operator(endpoint: &str) -> lienthong::client::AdminClient {
         .expect("connect to Admin")
 }
 
+/// Every agency's queue, as an operator lists them.
+pub async fn list_queues(endpoint: &str) -> wire::ListQueuesResponse {
+    operator(endpoint)
+        .await
+        .list_queues(wire::ListQueuesRequest {})
+        .await
+        .expect("list queues")
+        .into_inner()
+}
+
 /// The dead letters a hub keeps.
 pub async fn dead_letters(endpoint: &str, agency: &str) -> Vec<wire::DeadLetter> {
     operator(endpoint)
