@@ -23,7 +23,7 @@ test: rabbitmq browser
 chaos: rabbitmq
 	@mkdir -p target
 	LIENTHONG_CHAOS_SCALE=full $(CARGO) test --release --workspace --test chaos -- --test-threads=1 --nocapture \
-		> target/chaos.log 2>&1; status=$$?; grep -E '^(scenario|test result|error)' target/chaos.log; exit $$status
+		> target/chaos.log 2>&1; status=$$?; grep -oE 'scenario [a-z-]+: .*|^test result.*|^error.*' target/chaos.log; exit $$status
 
 ## Benchmarks (release build): the hub against RabbitMQ itself, then the receipt ledger at
 ## 1,000,000 receipts. Results in target/bench/*.json.
