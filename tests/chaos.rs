@@ -281,6 +281,7 @@ mod faults {
                             } else {
                                 String::new()
                             },
+                            ..Default::default()
                         })
                         .await;
                     let mut tally = shared.tally();
@@ -628,6 +629,7 @@ mod faults {
                 ack_token: first.ack_token,
                 reject: false,
                 reason: String::new(),
+                ..Default::default()
             })
             .await
             .expect_err("a token from before the restart");

@@ -182,6 +182,7 @@ async fn unacknowledged_documents_are_redelivered<K: Into<Kind>>(kind: K) {
             ack_token: first.ack_token.clone(),
             reject: false,
             reason: String::new(),
+            ..Default::default()
         })
         .await
         .expect_err("stale token");
@@ -217,6 +218,7 @@ async fn rejected_documents_come_back<K: Into<Kind>>(kind: K) {
             ack_token: first.ack_token.clone(),
             reject: true,
             reason: "cannot store attachments right now".into(),
+            ..Default::default()
         })
         .await
         .expect("reject");
@@ -425,6 +427,7 @@ async fn access_rules_hold<K: Into<Kind>>(kind: K) {
             ack_token: delivery.ack_token.clone(),
             reject: false,
             reason: String::new(),
+            ..Default::default()
         })
         .await
         .expect_err("an outsider cannot settle another agency's delivery");
@@ -470,6 +473,7 @@ async fn access_rules_hold<K: Into<Kind>>(kind: K) {
             ack_token: "not-a-token".into(),
             reject: false,
             reason: String::new(),
+            ..Default::default()
         })
         .await
         .expect_err("unknown token");
@@ -620,6 +624,7 @@ async fn a_document_rejected_past_the_delivery_limit_is_dead_lettered<K: Into<Ki
                 ack_token: delivery.ack_token.clone(),
                 reject: true,
                 reason: format!("cannot parse, attempt {attempt}"),
+                ..Default::default()
             })
             .await
             .expect("reject");

@@ -92,6 +92,7 @@ async fn dead_letters_replay_in_steps_with_progress(kind: TransportKind) {
                 ack_token: delivery.ack_token.clone(),
                 reject: true,
                 reason: "unreadable".into(),
+                ..Default::default()
             })
             .await
             .expect("reject");

@@ -47,9 +47,15 @@ async fn run(receipts: usize) {
             waiting_key: Vec::new(),
         };
         let at = START_MS + n as i64 * spacing_ms;
-        store.mark_delivered(&message, at).expect("delivered");
         store
-            .mark_acknowledged(&message, at + 1000)
+            .mark_delivered(&message, false, at)
+            .expect("delivered");
+        store
+            .mark_settled(
+                &message,
+                lienthong::store::Settlement::Acknowledged,
+                at + 1000,
+            )
             .expect("acknowledged");
     }
     store.durable().await.expect("flush");

@@ -402,6 +402,12 @@ async fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
                 "status {} on {} from {}{redelivered}: {}",
                 status.status_code, status.document_id, status.from, status.description
             ),
+            Some(wire::delivery::Payload::Receipt(receipt)) => println!(
+                "receipt {} of {} for {}{redelivered}",
+                crate::receipt::kind_name(receipt),
+                receipt.document_id,
+                receipt.agency
+            ),
             None => println!("empty delivery{redelivered}"),
         }
         if !args.no_ack {
@@ -409,6 +415,7 @@ async fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
                 ack_token: delivery.ack_token,
                 reject: false,
                 reason: String::new(),
+                ..Default::default()
             })
             .await
             .map_err(status_error)?;

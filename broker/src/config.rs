@@ -33,6 +33,48 @@ pub struct Config {
     pub archive_dir: PathBuf,
     /// Mutual TLS for gRPC; `None` runs without authentication (callers named by metadata).
     pub tls: Option<crate::tls::TlsFiles>,
+    /// This hub's place among hubs: its role, its uplink, the hubs it serves.
+    pub federation: Federation,
+}
+
+/// What a hub is in a national deployment (`[hub] role`, `[uplink]`, `[[peer]]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Federation {
+    pub role: HubRole,
+    /// A province hub's link to the central hub; `None` for a hub on its own.
+    pub uplink: Option<Uplink>,
+    /// The province hubs a central hub serves.
+    pub peers: Vec<Peer>,
+}
+
+/// `[hub] role`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HubRole {
+    /// Serves the agencies of one province (its code's last part); sends the rest up.
+    Province,
+    /// Serves the ministries of its directory and carries documents between provinces.
+    Central,
+}
+
+/// `[uplink]`: where a province hub sends what leaves the province.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uplink {
+    /// The central hub's code; this hub's queue of that name holds what waits to go up.
+    pub hub: AgencyCode,
+    /// The central hub's gRPC address, `http://host:port` (or `https://` with `tls`).
+    pub endpoint: String,
+    /// Mutual TLS towards the central hub: its CA, and this hub's certificate (with the
+    /// `hub` role) and key.
+    pub tls: Option<crate::tls::ClientTls>,
+}
+
+/// `[[peer]]`: a province hub that a central hub serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// The province code (`H53`): documents for its agencies go to this hub.
+    pub province: String,
+    /// The identity the province hub presents (its `[hub] code`); also its queue here.
+    pub identity: AgencyCode,
 }
 
 /// Logs, traces and the sampling behind the status page and queue rates.
@@ -162,6 +204,29 @@ struct ConfigToml {
     ledger: LedgerToml,
     #[serde(default)]
     tls: TlsToml,
+    uplink: Option<UplinkToml>,
+    #[serde(default)]
+    peer: Vec<PeerToml>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UplinkToml {
+    hub: String,
+    endpoint: String,
+    #[serde(default)]
+    ca_file: String,
+    #[serde(default)]
+    cert_file: String,
+    #[serde(default)]
+    key_file: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeerToml {
+    province: String,
+    identity: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -219,6 +284,8 @@ struct AccessToml {
 #[serde(deny_unknown_fields)]
 struct HubToml {
     code: String,
+    #[serde(default)]
+    role: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -362,7 +429,7 @@ impl Config {
         let parsed: ConfigToml = toml::from_str(text).map_err(|e| one_line_toml_error(text, &e))?;
         // Destructured field by field, so that a key added to the file cannot be forgotten here.
         let ConfigToml {
-            hub: HubToml { code },
+            hub: HubToml { code, role },
             server:
                 ServerToml {
                     grpc_listen,
@@ -421,6 +488,8 @@ impl Config {
                     otlp_endpoint,
                     sample_interval_ms,
                 },
+            uplink,
+            peer: peers,
         } = parsed;
 
         let hub_code = code.parse().map_err(|e| format!("[hub] code: {e}"))?;
@@ -539,12 +608,14 @@ impl Config {
                 );
             }
         };
+        let federation = federation(&hub_code, role.as_deref(), uplink, peers)?;
         let archive_dir = if archive_dir.is_empty() {
             data_dir.join("ledger-archive")
         } else {
             PathBuf::from(archive_dir)
         };
         Ok(Config {
+            federation,
             tls,
             archive_dir,
             operators,
@@ -584,6 +655,112 @@ impl Config {
             },
         })
     }
+}
+
+/// Validates `[hub] role`, `[uplink]` and `[[peer]]` together.
+fn federation(
+    hub_code: &AgencyCode,
+    role: Option<&str>,
+    uplink: Option<UplinkToml>,
+    peers: Vec<PeerToml>,
+) -> Result<Federation, String> {
+    let role = match role.unwrap_or("province") {
+        "province" => HubRole::Province,
+        "central" => HubRole::Central,
+        other => {
+            return Err(format!(
+                "[hub] role: `{other}` is neither \"province\" nor \"central\""
+            ));
+        }
+    };
+    let uplink = match uplink {
+        None => None,
+        Some(_) if role == HubRole::Central => {
+            return Err("[uplink]: a central hub has no uplink; remove the section".into());
+        }
+        Some(UplinkToml {
+            hub,
+            endpoint,
+            ca_file,
+            cert_file,
+            key_file,
+        }) => {
+            let hub: AgencyCode = hub.parse().map_err(|e| format!("[uplink] hub: {e}"))?;
+            if hub.province() == hub_code.province() {
+                return Err(format!(
+                    "[uplink] hub: {hub} is in this hub's own province {}; name the central hub",
+                    hub_code.province()
+                ));
+            }
+            let tls = match (
+                ca_file.is_empty(),
+                cert_file.is_empty(),
+                key_file.is_empty(),
+            ) {
+                (true, true, true) => None,
+                (false, false, false) => Some(crate::tls::ClientTls {
+                    ca_file: ca_file.into(),
+                    cert_file: cert_file.into(),
+                    key_file: key_file.into(),
+                }),
+                _ => {
+                    return Err(
+                        "[uplink]: set ca_file, cert_file and key_file together (mutual TLS), or none of them".into(),
+                    );
+                }
+            };
+            let scheme_ok = match tls {
+                Some(_) => endpoint.starts_with("https://"),
+                None => endpoint.starts_with("http://"),
+            };
+            if !scheme_ok {
+                return Err(format!(
+                    "[uplink] endpoint: `{endpoint}` must start with {}",
+                    if tls.is_some() {
+                        "https:// (TLS files are set)"
+                    } else {
+                        "http:// (no TLS files are set)"
+                    }
+                ));
+            }
+            Some(Uplink { hub, endpoint, tls })
+        }
+    };
+    if role == HubRole::Province && !peers.is_empty() {
+        return Err("[[peer]]: only a central hub ([hub] role = \"central\") serves peers".into());
+    }
+    let mut validated: Vec<Peer> = Vec::with_capacity(peers.len());
+    for (index, PeerToml { province, identity }) in peers.into_iter().enumerate() {
+        if province.len() != 3 || !province.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(format!(
+                "[[peer]] {index}: province `{province}` is not a province code (three letters and digits, like H53)"
+            ));
+        }
+        let identity: AgencyCode = identity
+            .parse()
+            .map_err(|e| format!("[[peer]] {index}: identity: {e}"))?;
+        if province == hub_code.province() {
+            return Err(format!(
+                "[[peer]] {index}: province {province} is this hub's own"
+            ));
+        }
+        if validated.iter().any(|p| p.province == province) {
+            return Err(format!(
+                "[[peer]] {index}: province {province} is listed twice"
+            ));
+        }
+        if validated.iter().any(|p| p.identity == identity) {
+            return Err(format!(
+                "[[peer]] {index}: identity {identity} is listed twice"
+            ));
+        }
+        validated.push(Peer { province, identity });
+    }
+    Ok(Federation {
+        role,
+        uplink,
+        peers: validated,
+    })
 }
 
 /// Turns a TOML error (several lines with a snippet) into one line with the line number.

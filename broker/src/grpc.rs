@@ -3,7 +3,7 @@
 
 use crate::agency::AgencyCode;
 use crate::error::HubError;
-use crate::hub::Hub;
+use crate::hub::{AckOutcome, Hub};
 use crate::identity::Caller;
 use crate::transport::Transport;
 use futures_util::Stream;
@@ -83,7 +83,7 @@ impl<T: Transport> DocumentExchange for ExchangeService<T> {
         &self,
         request: Request<wire::ReceiveRequest>,
     ) -> Result<Response<DeliveryStream>, Status> {
-        let caller = caller_identity(&request)?;
+        let caller = self.hub.admit(&caller(&request)?)?;
         let deliveries = self
             .hub
             .receive(&caller, self.shutdown.child_token())
@@ -98,13 +98,26 @@ impl<T: Transport> DocumentExchange for ExchangeService<T> {
         &self,
         request: Request<wire::AckRequest>,
     ) -> Result<Response<wire::AckResponse>, Status> {
-        let caller = caller_identity(&request)?;
+        let caller = self.hub.admit(&caller(&request)?)?;
         let wire::AckRequest {
             ack_token,
             reject,
             reason,
+            undeliverable,
         } = request.into_inner();
-        self.hub.ack(&caller, &ack_token, reject, &reason).await?;
+        let outcome = match (reject, undeliverable) {
+            (false, false) => AckOutcome::Acknowledged,
+            (true, false) => AckOutcome::Rejected { reason: &reason },
+            (false, true) => AckOutcome::Undeliverable { reason: &reason },
+            (true, true) => {
+                return Err(HubError::invalid(
+                    "undeliverable",
+                    "set either reject or undeliverable, not both",
+                )
+                .into());
+            }
+        };
+        self.hub.ack(&caller, &ack_token, outcome).await?;
         Ok(Response::new(wire::AckResponse {}))
     }
 
@@ -127,6 +140,15 @@ impl<T: Transport> DocumentExchange for ExchangeService<T> {
         let caller = caller_identity(&request)?;
         let response = self.hub.track(&caller, &request.into_inner().document_id)?;
         Ok(Response::new(response))
+    }
+
+    async fn forward(
+        &self,
+        request: Request<wire::ForwardRequest>,
+    ) -> Result<Response<wire::ForwardResponse>, Status> {
+        let caller = self.hub.admit(&caller(&request)?)?;
+        self.hub.forward(&caller, request.into_inner()).await?;
+        Ok(Response::new(wire::ForwardResponse {}))
     }
 }
 

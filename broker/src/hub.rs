@@ -11,7 +11,7 @@ use crate::error::HubError;
 use crate::metrics::{DocumentEvent, Metrics};
 use crate::receipt::{delivery_state, status_reports};
 use crate::status::{Reporter, StatusCode};
-use crate::store::{Acceptance, MessageRef, Store};
+use crate::store::{Acceptance, MessageRef, Settlement, Store};
 use crate::transport::{Acknowledge, Inbound, Subscription, Transport};
 use futures_util::FutureExt;
 use lienthong_proto::v1 as wire;
@@ -106,6 +106,8 @@ impl Drop for StreamSlot {
 #[derive(Debug)]
 struct PendingAck<A> {
     stream_id: u64,
+    /// Whose stream showed it: the recipient, or the next hub on the recipient's way.
+    holder: AgencyCode,
     message: MessageRef,
     /// The document's urgency, for metrics.
     urgency: u8,
@@ -154,6 +156,17 @@ impl<A> PendingAcks<A> {
             self.remove(&token);
         }
     }
+}
+
+/// What the holder of a delivery says about it (`Ack`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckOutcome<'a> {
+    /// Taken for good: never shown again.
+    Acknowledged,
+    /// Refused for now: retried after a backoff, dead-lettered past the delivery limit.
+    Rejected { reason: &'a str },
+    /// Hubs only: it can never reach its recipient; settled with a REJECTED receipt.
+    Undeliverable { reason: &'a str },
 }
 
 /// What `Send` answers.
@@ -242,6 +255,18 @@ impl<T: Transport> Hub<T> {
         &self.inner.outbox_wakeup
     }
 
+    /// The limits every document is checked against (`[limits]`).
+    pub(crate) fn document_limits(&self) -> DocumentLimits {
+        let limits = &self.inner.config.limits;
+        DocumentLimits {
+            max_document_bytes: limits.max_document_bytes,
+            max_recipients: limits.max_recipients,
+            max_attachments: limits.max_attachments,
+            max_attachment_bytes: limits.max_attachment_bytes,
+            max_field_bytes: limits.max_field_bytes,
+        }
+    }
+
     /// Takes durable custody of a document sent by `caller`.
     #[tracing::instrument(name = "send", skip_all, fields(from = %caller, document_id))]
     pub async fn send(
@@ -254,14 +279,7 @@ impl<T: Transport> Hub<T> {
         let document =
             document.ok_or_else(|| HubError::invalid("document", "a document is required"))?;
         self.take_send_allowance(caller)?;
-        let limits = DocumentLimits {
-            max_document_bytes: inner.config.limits.max_document_bytes,
-            max_recipients: inner.config.limits.max_recipients,
-            max_attachments: inner.config.limits.max_attachments,
-            max_attachment_bytes: inner.config.limits.max_attachment_bytes,
-            max_field_bytes: inner.config.limits.max_field_bytes,
-        };
-        let mut document = Document::from_wire(document, limits, now_unix_ms())?;
+        let mut document = Document::from_wire(document, self.document_limits(), now_unix_ms())?;
         if &document.from != caller {
             return Err(HubError::PermissionDenied(format!(
                 "Send: document.from: agency {caller} may send only as itself, not as {}",
@@ -276,9 +294,10 @@ impl<T: Transport> Hub<T> {
             )));
         }
         for (index, recipient) in document.to.iter().enumerate() {
-            if !directory.contains(recipient) {
+            if self.route_in(&directory, recipient).is_none() {
                 return Err(HubError::NotFound(format!(
-                    "document.to[{index}]: agency {recipient} is not in the hub's directory"
+                    "document.to[{index}]: {}",
+                    self.unroutable(recipient)
                 )));
             }
         }
@@ -332,7 +351,7 @@ impl<T: Transport> Hub<T> {
         caller: &AgencyCode,
         shutdown: CancellationToken,
     ) -> Result<mpsc::Receiver<Result<wire::Delivery, HubError>>, HubError> {
-        if !self.directory().contains(caller) {
+        if !self.directory().contains(caller) && !self.is_neighbour(caller) {
             return Err(HubError::NotFound(format!(
                 "agency {caller} is not in the hub's directory"
             )));
@@ -520,7 +539,7 @@ impl<T: Transport> Hub<T> {
     ) -> Result<Option<wire::Delivery>, HubError> {
         let store = &self.inner.store;
         let message = match wire::QueuedMessage::decode(inbound.payload.as_slice()) {
-            Ok(message) if message.recipient == caller.as_str() => message,
+            Ok(message) if self.holds_for(caller, &message.recipient) => message,
             Ok(message) => {
                 tracing::error!(agency = %caller, recipient = %message.recipient, "misrouted message sent to the dead letters");
                 let _ = inbound.acker.dead_letter().await;
@@ -532,15 +551,21 @@ impl<T: Transport> Hub<T> {
                 return Ok(None);
             }
         };
+        // `holds_for` accepted the code; a hub's stream carries messages for other agencies.
+        let Ok(recipient) = message.recipient.parse::<AgencyCode>() else {
+            tracing::error!(agency = %caller, recipient = %message.recipient, "message for an invalid recipient sent to the dead letters");
+            let _ = inbound.acker.dead_letter().await;
+            return Ok(None);
+        };
         // A copy of a message this recipient acknowledged, or of one shown to it and not yet
         // settled (a republished duplicate), is settled at once and never shown: the shown one
         // is either acknowledged, or returned to the queue and delivered again. Checked and
         // reserved under the lock that `ack` holds while it records an acknowledgement.
-        let pair = (message.message_id.clone(), caller.clone());
+        let pair = (message.message_id.clone(), recipient.clone());
         let duplicate = {
             let mut pending = self.pending_acks();
             let duplicate = pending.shown.contains(&pair)
-                || store.is_acknowledged(&message.message_id, caller.as_str())?;
+                || store.is_acknowledged(&message.message_id, recipient.as_str())?;
             if !duplicate {
                 pending.shown.insert(pair.clone());
             }
@@ -556,11 +581,14 @@ impl<T: Transport> Hub<T> {
         crate::telemetry::set_parent(&span, &message.traceparent);
         let traceparent = crate::telemetry::traceparent_of(&span);
         let waiting_key = crate::store::waiting_key_of(&message);
+        let to_hub = &recipient != caller;
         let (payload, document_id, urgency) = match message.payload {
             Some(wire::queued_message::Payload::Document(document)) => {
                 let id = document.document_id.clone();
                 let urgency = u8::try_from(document.priority).unwrap_or(u8::MAX);
-                self.observe_delivery(&document, urgency, caller);
+                if !to_hub {
+                    self.observe_delivery(&document, urgency, caller);
+                }
                 (
                     wire::delivery::Payload::Document(document),
                     Some(id),
@@ -570,7 +598,10 @@ impl<T: Transport> Hub<T> {
             Some(wire::queued_message::Payload::Status(status)) => {
                 (wire::delivery::Payload::Status(status), None, 0)
             }
-            None => {
+            Some(wire::queued_message::Payload::Receipt(receipt)) if to_hub => {
+                (wire::delivery::Payload::Receipt(receipt), None, 0)
+            }
+            Some(wire::queued_message::Payload::Receipt(_)) | None => {
                 tracing::error!(agency = %caller, "message without payload sent to the dead letters");
                 self.pending_acks().shown.remove(&pair);
                 let _ = inbound.acker.dead_letter().await;
@@ -579,12 +610,12 @@ impl<T: Transport> Hub<T> {
         };
         let message_ref = MessageRef {
             message_id: message.message_id,
-            recipient: caller.clone(),
+            recipient,
             document_id,
             waiting_key,
         };
         // Durable before it is shown: the caller flushes once per batch.
-        let shown_before = match store.mark_delivered(&message_ref, now_unix_ms()) {
+        let shown_before = match store.mark_delivered(&message_ref, to_hub, now_unix_ms()) {
             Ok(shown_before) => shown_before,
             Err(error) => {
                 self.pending_acks().shown.remove(&pair);
@@ -592,10 +623,20 @@ impl<T: Transport> Hub<T> {
             }
         };
         let ack_token = format!("{:032x}", rand::random::<u128>());
+        // A hub's stream names the recipient and the message, which the hub forwards.
+        let (recipient, message_id) = if to_hub {
+            (
+                message_ref.recipient.to_string(),
+                message_ref.message_id.clone(),
+            )
+        } else {
+            (String::new(), String::new())
+        };
         self.pending_acks().by_token.insert(
             ack_token.clone(),
             PendingAck {
                 stream_id,
+                holder: caller.clone(),
                 message: message_ref,
                 urgency,
                 traceparent,
@@ -606,6 +647,8 @@ impl<T: Transport> Hub<T> {
             ack_token,
             redelivered: inbound.redelivered || shown_before,
             payload: Some(payload),
+            recipient,
+            message_id,
         }))
     }
 
@@ -614,8 +657,7 @@ impl<T: Transport> Hub<T> {
         &self,
         caller: &AgencyCode,
         ack_token: &str,
-        reject: bool,
-        reason: &str,
+        outcome: AckOutcome<'_>,
     ) -> Result<(), HubError> {
         let store = &self.inner.store;
         let pending = {
@@ -627,16 +669,33 @@ impl<T: Transport> Hub<T> {
                         ack_token.chars().take(64).collect::<String>()
                     )));
                 }
-                Some(pending) if &pending.message.recipient != caller => {
+                Some(pending) if &pending.holder != caller => {
                     return Err(HubError::PermissionDenied(format!(
                         "Ack: ack_token: agency {caller} may settle only its own deliveries"
                     )));
                 }
                 Some(pending) => {
-                    if !reject {
+                    let to_hub = pending.holder != pending.message.recipient;
+                    let settlement = match outcome {
+                        AckOutcome::Acknowledged if to_hub => Some(Settlement::Forwarded {
+                            to_hub: pending.holder.as_str(),
+                        }),
+                        AckOutcome::Acknowledged => Some(Settlement::Acknowledged),
+                        AckOutcome::Undeliverable { reason } if to_hub => {
+                            Some(Settlement::Undeliverable { reason })
+                        }
+                        AckOutcome::Undeliverable { .. } => {
+                            return Err(HubError::invalid(
+                                "undeliverable",
+                                "only a hub settles a delivery as undeliverable; an agency rejects it",
+                            ));
+                        }
+                        AckOutcome::Rejected { .. } => None,
+                    };
+                    if let Some(settlement) = settlement {
                         // Recorded before the pair leaves the pending set, so that a copy being
                         // prepared meanwhile finds one or the other.
-                        store.mark_acknowledged(&pending.message, now_unix_ms())?;
+                        store.mark_settled(&pending.message, settlement, now_unix_ms())?;
                     }
                     pending_acks
                         .remove(ack_token)
@@ -644,10 +703,14 @@ impl<T: Transport> Hub<T> {
                 }
             }
         };
+        let (reject, reason) = match outcome {
+            AckOutcome::Rejected { reason } => (true, reason),
+            AckOutcome::Acknowledged | AckOutcome::Undeliverable { .. } => (false, ""),
+        };
         let span = tracing::info_span!(
             "ack",
             message_id = %pending.message.message_id,
-            recipient = %caller,
+            recipient = %pending.message.recipient,
             reject
         );
         crate::telemetry::set_parent(&span, &pending.traceparent);
@@ -765,7 +828,7 @@ impl<T: Transport> Hub<T> {
         let receipts = self
             .inner
             .store
-            .accept_status_report(&report, &about, &targets, now)?;
+            .accept_status_report(&report, &about, &targets, None, now)?;
         self.inner.store.durable().await?;
         self.inner.outbox_wakeup.notify_one();
         Ok(receipts)

@@ -11,6 +11,8 @@
 //! - [`publisher`]: moves the outbox to the transport; [`dead_letters`] keeps what the
 //!   transport dead-lettered.
 //! - [`admin`]: the operators' use cases (queues, dead letters, replay).
+//! - [`federation`]: province and central hubs — routes between hubs, `Forward`, the receipt
+//!   relay, and the uplink connector's side of a province hub.
 //! - [`grpc`], [`server`]: the gRPC service and the server that runs it all.
 //! - [`http`], [`metrics`]: `/healthz`, `/readyz` and Prometheus `/metrics` for operators.
 //! - [`client`], [`cli`]: the client side, for people and tests.
@@ -27,6 +29,7 @@ pub mod dead_letters;
 pub mod directory;
 pub mod document;
 pub mod error;
+pub mod federation;
 pub mod grpc;
 pub mod http;
 pub mod hub;

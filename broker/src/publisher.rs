@@ -48,16 +48,18 @@ pub async fn run<T: Transport>(hub: Hub<T>, shutdown: CancellationToken) {
                 (span, traceparent)
             })
             .collect();
-        let publishes = batch
+        let routing_keys: Vec<String> = batch
             .iter()
-            .zip(&spans)
-            .map(|(pending, (span, traceparent))| {
+            .map(|pending| hub.routing_key_of(&pending.recipient))
+            .collect();
+        let publishes = batch.iter().zip(&spans).zip(&routing_keys).map(
+            |((pending, (span, traceparent)), routing_key)| {
                 async {
                     let started = std::time::Instant::now();
                     let result = hub
                         .transport()
                         .publish(OutboundMessage {
-                            routing_key: &pending.recipient,
+                            routing_key,
                             message_id: &pending.message_id,
                             payload: &pending.payload,
                             traceparent,
@@ -69,7 +71,8 @@ pub async fn run<T: Transport>(hub: Hub<T>, shutdown: CancellationToken) {
                     result
                 }
                 .instrument(span.clone())
-            });
+            },
+        );
         let results = futures_util::future::join_all(publishes).await;
         let mut first_failure = None;
         for (pending, result) in batch.iter().zip(results) {

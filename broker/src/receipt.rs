@@ -38,6 +38,7 @@ pub fn delivery_state<'a>(receipts: impl IntoIterator<Item = &'a wire::Receipt>)
             ReceiptKind::DeadLettered => DeliveryState::DeadLettered,
             ReceiptKind::Accepted
             | ReceiptKind::Enqueued
+            | ReceiptKind::Forwarded
             | ReceiptKind::StatusReported
             | ReceiptKind::Unspecified => state,
         };

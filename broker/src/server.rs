@@ -63,7 +63,12 @@ pub async fn run(
     let _ = rustls::crypto::ring::default_provider().install_default();
     let directory = AgencyDirectory::load(&config.directory_file)?;
     let store = Store::open_with(&config.data_dir, &config.hub_code, config.checkpoints)?;
-    let agencies: Vec<_> = directory.codes().cloned().collect();
+    // The queues of the agencies served here, and of the hubs this one exchanges with.
+    let agencies: Vec<_> = directory
+        .codes()
+        .cloned()
+        .chain(crate::federation::neighbour_queues(&config))
+        .collect();
     let names = TopologyNames::new(config.transport.prefix());
     let stop = CancellationToken::new();
     tracing::info!(
@@ -143,6 +148,23 @@ async fn serve<T: Transport>(
     let publisher = tokio::spawn(crate::publisher::run(hub.clone(), stop.child_token()));
     let dead_letter_keeper =
         tokio::spawn(crate::dead_letters::run(hub.clone(), stop.child_token()));
+    let federated = {
+        let federation = &hub.config().federation;
+        federation.uplink.is_some() || !federation.peers.is_empty()
+    };
+    let relay = federated.then(|| {
+        tokio::spawn(crate::federation::run_relay(
+            hub.clone(),
+            stop.child_token(),
+        ))
+    });
+    let uplink_hub = hub.clone();
+    let uplink_stop = stop.child_token();
+    let uplink = tokio::spawn(async move {
+        if let Err(error) = crate::federation::run_uplink(uplink_hub, uplink_stop).await {
+            tracing::error!(%error, "the uplink to the central hub cannot run");
+        }
+    });
     let sampler = tokio::spawn(crate::activity::run(
         hub.clone(),
         hub.config().telemetry.sample_interval,
@@ -224,6 +246,10 @@ async fn serve<T: Transport>(
     let _ = tokio::time::timeout(grace, http).await;
     let _ = tokio::time::timeout(grace, dead_letter_keeper).await;
     let _ = tokio::time::timeout(grace, sampler).await;
+    let _ = tokio::time::timeout(grace, uplink).await;
+    if let Some(relay) = relay {
+        let _ = tokio::time::timeout(grace, relay).await;
+    }
     store.durable().await?;
     tracing::info!(waiting_in_outbox = store.outbox_len(), "hub stopped");
     result

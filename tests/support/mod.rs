@@ -37,6 +37,8 @@ use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub mod federation;
+
 pub const PROVINCE: &str = "000.00.00.H53";
 pub const DISTRICT: &str = "000.00.31.H53";
 pub const COMMUNE: &str = "000.21.31.H53";
@@ -113,6 +115,12 @@ pub struct HubOptions {
     pub max_sends_per_second: u32,
     /// `[transport] amqp_ca_file`, for an `amqps://` URL.
     pub amqp_ca_file: Option<PathBuf>,
+    /// `[hub] code` and `role`; the directory's agencies (the test directory when `None`).
+    pub hub_code: String,
+    pub role: &'static str,
+    pub agencies: Option<Vec<String>>,
+    /// Sections appended to the file as they are (`[uplink]`, `[[peer]]`).
+    pub extra_toml: String,
 }
 
 impl HubOptions {
@@ -135,6 +143,10 @@ impl HubOptions {
             max_streams_per_agency: 8,
             max_sends_per_second: 10_000,
             amqp_ca_file: None,
+            hub_code: PROVINCE.into(),
+            role: "province",
+            agencies: None,
+            extra_toml: String::new(),
         }
     }
 }
@@ -163,7 +175,14 @@ impl HubFiles {
     /// Rewrites the configuration (same data, directory and prefix) with other options.
     pub fn write_config(&self, options: &HubOptions) {
         let directory_path = self.dir.path().join("agencies.toml");
-        std::fs::write(&directory_path, test_directory_toml()).expect("write directory");
+        let directory = match &options.agencies {
+            None => test_directory_toml(),
+            Some(codes) => codes
+                .iter()
+                .map(|code| format!("[[agency]]\ncode = \"{code}\"\nname = \"Agency {code}\"\n"))
+                .collect(),
+        };
+        std::fs::write(&directory_path, directory).expect("write directory");
         let kind = match options.kind {
             TransportKind::Amqp => "amqp",
             TransportKind::Embedded => "embedded",
@@ -172,7 +191,8 @@ impl HubFiles {
         let config = format!(
             r#"
 [hub]
-code = "{PROVINCE}"
+code = "{hub_code}"
+role = "{role}"
 [server]
 grpc_listen = "{grpc_listen}"
 http_listen = "{http_listen}"
@@ -207,6 +227,8 @@ checkpoint_interval_ms = 200
 log_format = "{log_format}"
 sample_interval_ms = {sample_interval_ms}
 "#,
+            hub_code = options.hub_code,
+            role = options.role,
             log_format = options.log_format,
             sample_interval_ms = options.sample_interval_ms,
             checkpoint_every = options.checkpoint_every,
@@ -238,7 +260,8 @@ sample_interval_ms = {sample_interval_ms}
             ),
             None => String::new(),
         };
-        std::fs::write(&self.config_path, config + &tls).expect("write config");
+        std::fs::write(&self.config_path, config + &tls + &options.extra_toml)
+            .expect("write config");
     }
 
     pub fn config(&self) -> Config {
@@ -516,6 +539,7 @@ pub async fn ack(client: &mut ExchangeClient, delivery: &wire::Delivery) {
             ack_token: delivery.ack_token.clone(),
             reject: false,
             reason: String::new(),
+            ..Default::default()
         })
         .await
         .expect("ack accepted");

@@ -18,9 +18,14 @@
 //!   is one prefix lookup (the age operators alert on);
 //! - `references`: `original id 0x00 referencing id` → () for revoke, update and replace
 //!   documents, so that `Track` on the original lists them;
-//! - the ledger's trees (`ledger*`), described in [`ledger`].
+//! - the ledger's trees (`ledger*`), described in [`ledger`];
+//! - `arrivals` and `relay`, for what other hubs hand over and what goes back to them,
+//!   described in [`federation`].
 
+mod federation;
 mod ledger;
+
+pub use federation::arrival_key;
 
 pub use ledger::{Archive, CheckpointPolicy, ReceiptFilter, Verification};
 
@@ -93,6 +98,17 @@ pub struct PendingPublish {
     enqueued_seq: u64,
 }
 
+/// How a message was settled for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement<'a> {
+    /// The recipient acknowledged it (ACKNOWLEDGED).
+    Acknowledged,
+    /// The next hub on the way took durable custody (FORWARDED, naming that hub).
+    Forwarded { to_hub: &'a str },
+    /// It can never reach its recipient (REJECTED, with the reason).
+    Undeliverable { reason: &'a str },
+}
+
 /// A message settled for a recipient: a document or a status report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageRef {
@@ -126,6 +142,8 @@ struct StoreInner {
     dead_letters: sled::Tree,
     waiting: sled::Tree,
     references: sled::Tree,
+    arrivals: sled::Tree,
+    relay: sled::Tree,
     /// Receipts not yet in the ledger (see [`ledger`]), written with each receipt.
     ledger_pending: sled::Tree,
     ledger: ledger::LedgerTrees,
@@ -200,6 +218,8 @@ impl Store {
                 dead_letters: tree("dead_letters")?,
                 waiting: tree("waiting")?,
                 references: tree("references")?,
+                arrivals: tree("arrivals")?,
+                relay: tree("relay")?,
                 ledger_pending: tree("ledger_pending")?,
                 ledger,
                 outbox,
@@ -366,11 +386,15 @@ impl Store {
 
     /// Queues a status report for each of `recipients` and writes a STATUS_REPORTED receipt for
     /// each recipient of the document it concerns (`about`).
+    ///
+    /// `arrival` ([`arrival_key`]) is set for a report another hub handed over: a report taken
+    /// before under the same key changes nothing and returns no receipts.
     pub fn accept_status_report(
         &self,
         report: &wire::StatusReport,
         about: &[AgencyCode],
         recipients: &[AgencyCode],
+        arrival: Option<&[u8]>,
         now_unix_ms: i64,
     ) -> Result<Vec<wire::Receipt>, StoreError> {
         let inner = &*self.inner;
@@ -420,20 +444,30 @@ impl Store {
             &inner.receipts_by_document,
             &inner.ledger_pending,
             &inner.waiting,
+            &inner.arrivals,
         )
-            .transaction(|(outbox, receipts_tree, by_document, pending, waiting)| {
-                for (key, entry) in &entries {
-                    outbox.insert(key, entry.as_slice())?;
-                }
-                for key in &waiting_keys {
-                    waiting.insert(key.as_slice(), &[])?;
-                }
-                for receipt in &receipts {
-                    insert_receipt(receipts_tree, by_document, pending, receipt)?;
-                }
-                Ok(())
-            });
-        unwrap_transaction(result)?;
+            .transaction(
+                |(outbox, receipts_tree, by_document, pending, waiting, arrivals)| {
+                    if let Some(arrival) = arrival
+                        && arrivals.insert(arrival, &[])?.is_some()
+                    {
+                        return Ok(false);
+                    }
+                    for (key, entry) in &entries {
+                        outbox.insert(key, entry.as_slice())?;
+                    }
+                    for key in &waiting_keys {
+                        waiting.insert(key.as_slice(), &[])?;
+                    }
+                    for receipt in &receipts {
+                        insert_receipt(receipts_tree, by_document, pending, receipt)?;
+                    }
+                    Ok(true)
+                },
+            );
+        if !unwrap_transaction(result)? {
+            return Ok(Vec::new());
+        }
         inner
             .outbox_len
             .fetch_add(recipients.len() as u64, Ordering::Relaxed);
@@ -478,6 +512,13 @@ impl Store {
                 Some(wire::outbox_entry::Payload::Status(status)) => {
                     let message = wire::QueuedMessage {
                         payload: Some(wire::queued_message::Payload::Status(status)),
+                        ..header
+                    };
+                    (message.encode_to_vec(), None)
+                }
+                Some(wire::outbox_entry::Payload::Receipt(receipt)) => {
+                    let message = wire::QueuedMessage {
+                        payload: Some(wire::queued_message::Payload::Receipt(receipt)),
                         ..header
                     };
                     (message.encode_to_vec(), None)
@@ -557,11 +598,14 @@ impl Store {
         Ok(())
     }
 
-    /// Records that a message was shown to its recipient. Returns whether it had been shown
-    /// before, which makes the delivery a redelivery even when the transport does not know it.
+    /// Records that a message was shown to its recipient, or to the next hub on its way
+    /// (`to_hub`, which writes no DELIVERED receipt: the recipient has not seen it). Returns
+    /// whether it had been shown before, which makes the delivery a redelivery even when the
+    /// transport does not know it.
     pub fn mark_delivered(
         &self,
         message: &MessageRef,
+        to_hub: bool,
         now_unix_ms: i64,
     ) -> Result<bool, StoreError> {
         let inner = &*self.inner;
@@ -572,33 +616,45 @@ impl Store {
                 &[],
             )?
             .is_some();
-        self.append_document_receipt(
-            message,
-            ReceiptKind::Delivered,
-            now_unix_ms,
-            ReceiptDetail::default(),
-        )?;
+        if !to_hub {
+            self.append_document_receipt(
+                message,
+                ReceiptKind::Delivered,
+                now_unix_ms,
+                ReceiptDetail::default(),
+            )?;
+        }
         Ok(shown_before)
     }
 
-    /// Records that the recipient acknowledged a message; it will never be shown again.
-    pub fn mark_acknowledged(
+    /// Records that a message is settled for good ([`Settlement`]); it will never be shown
+    /// again.
+    pub fn mark_settled(
         &self,
         message: &MessageRef,
+        settlement: Settlement<'_>,
         now_unix_ms: i64,
     ) -> Result<(), StoreError> {
-        // The settled mark and the ACKNOWLEDGED receipt go to disk together: a mark without its
-        // receipt would drop every redelivery while `Track` still showed the document pending.
+        // The settled mark and its receipt go to disk together: a mark without its receipt
+        // would drop every redelivery while `Track` still showed the document pending.
         let inner = &*self.inner;
         let pair = pair_key(&message.message_id, message.recipient.as_str());
+        let (kind, detail) = match settlement {
+            Settlement::Acknowledged => (ReceiptKind::Acknowledged, String::new()),
+            Settlement::Forwarded { to_hub } => (ReceiptKind::Forwarded, to_hub.to_owned()),
+            Settlement::Undeliverable { reason } => (ReceiptKind::Rejected, reason.to_owned()),
+        };
         let receipt = match &message.document_id {
             Some(document_id) => Some(self.new_receipt(
                 inner.db.generate_id()?,
                 document_id,
                 message.recipient.as_str(),
-                ReceiptKind::Acknowledged,
+                kind,
                 now_unix_ms,
-                ReceiptDetail::default(),
+                ReceiptDetail {
+                    detail: &detail,
+                    ..ReceiptDetail::default()
+                },
             )),
             None => None,
         };

@@ -1,0 +1,246 @@
+//! What a hub stores for other hubs: documents, status reports and receipts handed over by
+//! `Forward`, each taken once, and the receipts it sends back towards remote senders.
+//!
+//! Trees: `arrivals` (`from hub 0x00 message id 0x00 recipient` → ()) remembers every status
+//! report and receipt taken from another hub, and (`0x01 document id 0x00 recipient` → ())
+//! every forwarded document, so that a redelivery by that hub is taken once;
+//! `relay` holds the relay's cursor (`cursor` → the next ledger index to look at, u64 BE).
+
+use super::{
+    Acceptance, ReceiptDetail, Store, StoreError, corrupt, insert_receipt, outbox_key,
+    unwrap_transaction, waiting_key,
+};
+use crate::agency::AgencyCode;
+use crate::document::Document;
+use crate::receipt::ReceiptKind;
+use lienthong_proto::v1 as wire;
+use prost::Message;
+use sled::Transactional;
+use std::sync::atomic::Ordering;
+
+const RELAY_CURSOR: &[u8] = b"cursor";
+
+/// The key that identifies a message handed over by another hub.
+pub fn arrival_key(from_hub: &AgencyCode, message_id: &str, recipient: &AgencyCode) -> Vec<u8> {
+    let mut key = Vec::with_capacity(from_hub.as_str().len() + message_id.len() + 16);
+    key.extend_from_slice(from_hub.as_str().as_bytes());
+    key.push(0);
+    key.extend_from_slice(message_id.as_bytes());
+    key.push(0);
+    key.extend_from_slice(recipient.as_str().as_bytes());
+    key
+}
+
+/// The key that marks a forwarded document taken for one recipient, whichever hub handed it
+/// over (hub codes never start with byte 1).
+fn custody_key(document_id: &str, recipient: &AgencyCode) -> Vec<u8> {
+    let mut key = vec![1];
+    key.extend_from_slice(document_id.as_bytes());
+    key.push(0);
+    key.extend_from_slice(recipient.as_str().as_bytes());
+    key
+}
+
+impl Store {
+    /// Takes custody of a document another hub forwards for one of its recipients: records the
+    /// document (once, whichever recipient comes first), queues it for `recipient` and writes
+    /// its ACCEPTED receipt. A second hand-over for the same recipient changes nothing and
+    /// answers `AlreadyAccepted`; other content under the same id is a `Conflict`.
+    pub fn accept_forwarded(
+        &self,
+        document: &Document,
+        recipient: &AgencyCode,
+        traceparent: &str,
+        now_unix_ms: i64,
+    ) -> Result<Acceptance, StoreError> {
+        let inner = &*self.inner;
+        let stored = wire::StoredDocument {
+            document_id: document.id.clone(),
+            from: document.from.to_string(),
+            to: document.to.iter().map(ToString::to_string).collect(),
+            content_sha256: document.content_sha256.to_vec(),
+            accepted_at_unix_ms: now_unix_ms,
+            priority: u32::from(document.urgency.value()),
+            business_type: document.wire.business_type,
+            references_document_id: document.wire.references_document_id.clone(),
+        };
+        let body = document.wire.encode_to_vec();
+        let accepted = self.new_receipt(
+            inner.db.generate_id()?,
+            &document.id,
+            recipient.as_str(),
+            ReceiptKind::Accepted,
+            now_unix_ms,
+            ReceiptDetail::default(),
+        );
+        let entry = wire::OutboxEntry {
+            message_id: document.id.clone(),
+            recipient: recipient.to_string(),
+            payload: Some(wire::outbox_entry::Payload::DocumentId(document.id.clone())),
+            accepted_at_unix_ms: now_unix_ms,
+            receipt_document_id: String::new(),
+            traceparent: traceparent.to_owned(),
+        }
+        .encode_to_vec();
+        let entry_key = outbox_key(document.urgency.value(), inner.db.generate_id()?);
+        let waiting = waiting_key(
+            recipient.as_str(),
+            document.urgency.value(),
+            now_unix_ms,
+            &document.id,
+        );
+        let custody = custody_key(&document.id, recipient);
+
+        let result =
+            (
+                &inner.documents,
+                &inner.document_bodies,
+                &inner.outbox_refs,
+                &inner.outbox,
+                &inner.receipts,
+                &inner.receipts_by_document,
+                &inner.ledger_pending,
+                &inner.waiting,
+                &inner.arrivals,
+            )
+                .transaction(
+                    |(
+                        documents,
+                        bodies,
+                        refs,
+                        outbox,
+                        receipts,
+                        by_document,
+                        pending,
+                        waiting_tree,
+                        arrivals,
+                    )| {
+                        match documents.get(document.id.as_bytes())? {
+                            Some(existing) => {
+                                let existing =
+                                    wire::StoredDocument::decode(&*existing).map_err(|e| {
+                                        sled::transaction::ConflictableTransactionError::Abort(
+                                            corrupt("documents")(e),
+                                        )
+                                    })?;
+                                if existing.content_sha256 != stored.content_sha256 {
+                                    return Ok(Some(false));
+                                }
+                            }
+                            None => {
+                                documents.insert(document.id.as_bytes(), stored.encode_to_vec())?;
+                            }
+                        }
+                        // Taken for this recipient before: nothing to do.
+                        if arrivals.insert(custody.as_slice(), &[])?.is_some() {
+                            return Ok(Some(true));
+                        }
+                        let references = refs
+                            .get(document.id.as_bytes())?
+                            .and_then(|v| <[u8; 4]>::try_from(&*v).ok())
+                            .map_or(0, u32::from_be_bytes);
+                        if references == 0 {
+                            bodies.insert(document.id.as_bytes(), body.as_slice())?;
+                        }
+                        refs.insert(document.id.as_bytes(), &(references + 1).to_be_bytes())?;
+                        outbox.insert(&entry_key, entry.as_slice())?;
+                        waiting_tree.insert(waiting.as_slice(), &[])?;
+                        insert_receipt(receipts, by_document, pending, &accepted)?;
+                        Ok(None)
+                    },
+                );
+        match unwrap_transaction(result)? {
+            Some(false) => Ok(Acceptance::Conflict),
+            Some(true) => {
+                let accepted = self
+                    .receipts_of(&document.id)?
+                    .into_iter()
+                    .filter(|r| r.kind() == ReceiptKind::Accepted && r.agency == recipient.as_str())
+                    .collect();
+                Ok(Acceptance::AlreadyAccepted(accepted))
+            }
+            None => {
+                inner.outbox_len.fetch_add(1, Ordering::Relaxed);
+                Ok(Acceptance::Accepted(vec![accepted]))
+            }
+        }
+    }
+
+    /// Keeps a receipt another hub wrote about one of this hub's documents (it travels back
+    /// towards the sender): a new entry in this hub's receipt log, with the writer's hub, kind,
+    /// time and detail. Returns false when this hand-over was taken before.
+    pub fn accept_relayed_receipt(
+        &self,
+        arrival: &[u8],
+        receipt: &wire::Receipt,
+    ) -> Result<bool, StoreError> {
+        let inner = &*self.inner;
+        let kept = wire::Receipt {
+            seq: inner.db.generate_id()?,
+            ..receipt.clone()
+        };
+        let result = (
+            &inner.arrivals,
+            &inner.receipts,
+            &inner.receipts_by_document,
+            &inner.ledger_pending,
+        )
+            .transaction(|(arrivals, receipts, by_document, pending)| {
+                if arrivals.insert(arrival, &[])?.is_some() {
+                    return Ok(false);
+                }
+                insert_receipt(receipts, by_document, pending, &kept)?;
+                Ok(true)
+            });
+        unwrap_transaction(result)
+    }
+
+    /// Where the relay stopped: the next ledger index it has to look at.
+    pub fn relay_cursor(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .inner
+            .relay
+            .get(RELAY_CURSOR)?
+            .and_then(|v| <[u8; 8]>::try_from(&*v).ok())
+            .map_or(0, u64::from_be_bytes))
+    }
+
+    /// Queues receipts for their way back to remote senders (`(sender, receipt)`), and moves
+    /// the relay's cursor to `next_cursor`, atomically: a crash leaves both or neither.
+    pub fn queue_relayed_receipts(
+        &self,
+        relays: &[(String, wire::Receipt)],
+        next_cursor: u64,
+        now_unix_ms: i64,
+    ) -> Result<(), StoreError> {
+        let inner = &*self.inner;
+        let mut entries = Vec::with_capacity(relays.len());
+        for (sender, receipt) in relays {
+            let entry = wire::OutboxEntry {
+                message_id: format!("receipt/{}/{}", inner.hub_code, receipt.seq),
+                recipient: sender.clone(),
+                payload: Some(wire::outbox_entry::Payload::Receipt(receipt.clone())),
+                accepted_at_unix_ms: now_unix_ms,
+                receipt_document_id: String::new(),
+                traceparent: String::new(),
+            };
+            let key = outbox_key(
+                crate::document::Urgency::HIGHEST.value(),
+                inner.db.generate_id()?,
+            );
+            entries.push((key, entry.encode_to_vec()));
+        }
+        let result = (&inner.outbox, &inner.relay).transaction(|(outbox, relay)| {
+            for (key, entry) in &entries {
+                outbox.insert(key, entry.as_slice())?;
+            }
+            relay.insert(RELAY_CURSOR, &next_cursor.to_be_bytes())?;
+            Ok(())
+        });
+        unwrap_transaction(result)?;
+        inner
+            .outbox_len
+            .fetch_add(entries.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
