@@ -119,9 +119,14 @@ mod faults {
     }
 
     fn documents(count: usize, scenario: &str) -> Vec<wire::Document> {
+        documents_for(count, scenario, DISTRICT)
+    }
+
+    /// `count` documents from the commune to `recipient`, of every urgency.
+    fn documents_for(count: usize, scenario: &str, recipient: &str) -> Vec<wire::Document> {
         (0..count)
             .map(|n| {
-                let mut doc = document(COMMUNE, &[DISTRICT], &format!("{scenario} {n}"));
+                let mut doc = document(COMMUNE, &[recipient], &format!("{scenario} {n}"));
                 doc.document_id = format!("{COMMUNE},2026/11/27,{n}/{scenario}");
                 doc.priority = (n % 5) as u32;
                 doc
@@ -187,10 +192,11 @@ mod faults {
         shared.senders_done.store(true, Ordering::SeqCst);
     }
 
-    /// Receives as the district until every accepted document (but the poison) is acknowledged,
+    /// Receives as `recipient` until every accepted document (but the poison) is acknowledged,
     /// then listens a little longer for anything shown again.
     async fn receive_all(
         endpoint: String,
+        recipient: &'static str,
         behaviour: RecipientBehaviour,
         shared: Shared,
         deadline: Duration,
@@ -200,7 +206,7 @@ mod faults {
         let mut acks = JoinSet::new();
         let mut deliveries = 0usize;
         'connection: loop {
-            let mut client = connect_retrying(&endpoint, DISTRICT).await;
+            let mut client = connect_retrying(&endpoint, recipient).await;
             let Ok(response) = client.receive(wire::ReceiveRequest {}).await else {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
@@ -436,6 +442,7 @@ mod faults {
             ));
             let receiving = tokio::spawn(receive_all(
                 self.endpoint.clone(),
+                DISTRICT,
                 behaviour,
                 self.shared.clone(),
                 Duration::from_secs(300),
@@ -457,6 +464,40 @@ mod faults {
         let (sending, receiving) = load;
         sending.await.expect("senders");
         receiving.await.expect("receiver");
+    }
+
+    /// Documents cross from province A to province B through the central hub, which is
+    /// killed (SIGKILL) and stays down a while, several times. Province A keeps accepting
+    /// meanwhile; what waits in its uplink queue flows when the central hub is back.
+    #[tokio::test]
+    async fn central_hub_killed_while_documents_cross_provinces() {
+        use super::support::federation::{COMMUNE_B, Federation};
+        let mut federation = Federation::start("chaos-central").await;
+        let shared = Shared::default();
+        let origin = federation.province_a.endpoint().to_owned();
+        let sending = tokio::spawn(send_all(
+            origin.clone(),
+            documents_for(scale().documents, "central", COMMUNE_B),
+            scale().senders,
+            shared.clone(),
+        ));
+        let receiving = tokio::spawn(receive_all(
+            federation.province_b.endpoint().to_owned(),
+            COMMUNE_B,
+            RecipientBehaviour::default(),
+            shared.clone(),
+            Duration::from_secs(300),
+        ));
+        for _ in 0..scale().kills {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            federation
+                .central
+                .restart_after(Duration::from_millis(1500))
+                .await;
+        }
+        wait_for((sending, receiving)).await;
+        report("central-sigkill", &origin, &shared, 0).await;
+        federation.finish().await;
     }
 
     #[tokio::test]
@@ -535,6 +576,7 @@ mod faults {
         let rss_with_backlog = scenario.hub.peak_rss_bytes();
         receive_all(
             scenario.endpoint.clone(),
+            DISTRICT,
             RecipientBehaviour::default(),
             scenario.shared.clone(),
             Duration::from_secs(1200),

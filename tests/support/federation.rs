@@ -45,9 +45,11 @@ impl FederatedHub {
         &self.process.endpoint
     }
 
-    /// SIGKILL, then a new process on the same files and port.
-    pub async fn restart(&mut self) {
-        self.process.restart(&self.files, &self.options).await;
+    /// SIGKILL, `down` without a process, then a new one on the same files and port.
+    pub async fn restart_after(&mut self, down: Duration) {
+        self.process.child.kill().await.expect("kill the hub");
+        tokio::time::sleep(down).await;
+        self.process = HubProcess::start(&self.files, &self.options).await;
     }
 
     async fn finish(self) {
