@@ -472,7 +472,7 @@ mod faults {
     #[tokio::test]
     async fn central_hub_killed_while_documents_cross_provinces() {
         use super::support::federation::{COMMUNE_B, Federation};
-        let mut federation = Federation::start("chaos-central").await;
+        let mut federation = Federation::start("chaos-central", TransportKind::Amqp).await;
         let shared = Shared::default();
         let origin = federation.province_a.endpoint().to_owned();
         let sending = tokio::spawn(send_all(

@@ -55,9 +55,12 @@ fn state_of(trace: &wire::TrackResponse, agency: &str) -> wire::DeliveryState {
         .state()
 }
 
-#[tokio::test]
-async fn a_document_crosses_provinces_and_reaches_a_ministry_and_the_receipts_come_back() {
-    let federation = Federation::start("fed-path").await;
+on_both_transports!(a_document_crosses_provinces_and_reaches_a_ministry_and_the_receipts_come_back);
+
+async fn a_document_crosses_provinces_and_reaches_a_ministry_and_the_receipts_come_back(
+    kind: TransportKind,
+) {
+    let federation = Federation::start("fed-path", kind).await;
     let mut sender = federation.province_a.client(COMMUNE_A).await;
     let mut commune_b = federation.province_b.client(COMMUNE_B).await;
     let mut ministry = federation.central.client(MINISTRY_HOME_AFFAIRS).await;
@@ -226,7 +229,7 @@ async fn a_document_crosses_provinces_and_reaches_a_ministry_and_the_receipts_co
 
 #[tokio::test]
 async fn what_no_hub_serves_is_refused_where_it_can_be_told_and_rejected_otherwise() {
-    let federation = Federation::start("fed-unknown").await;
+    let federation = Federation::start("fed-unknown", TransportKind::Amqp).await;
     let mut sender = federation.province_a.client(COMMUNE_A).await;
 
     // An unknown agency of the sender's own province: the origin can tell.
@@ -301,7 +304,7 @@ async fn what_no_hub_serves_is_refused_where_it_can_be_told_and_rejected_otherwi
 
 #[tokio::test]
 async fn forward_is_for_peer_hubs_and_refuses_loops() {
-    let federation = Federation::start("fed-forward").await;
+    let federation = Federation::start("fed-forward", TransportKind::Amqp).await;
     let forward = |identity: &'static str, request: wire::ForwardRequest| {
         let endpoint = federation.central.endpoint().to_owned();
         async move {

@@ -620,3 +620,98 @@ async fn rabbitmq_over_amqps_with_the_configured_ca() {
     assert_eq!(status, 200);
     hub.finish().await;
 }
+
+/// A province hub authenticates to the central hub with a certificate naming the province hub
+/// and carrying the `hub` role; the same identity without the role may not act as a hub.
+#[tokio::test]
+async fn a_province_hub_reaches_the_central_hub_with_its_hub_certificate() {
+    use support::federation::{CENTRAL, MINISTRY_HOME_AFFAIRS};
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let central_code = CENTRAL.parse().expect("code");
+    let agencies: Vec<lienthong::agency::AgencyCode> = [MINISTRY_HOME_AFFAIRS, PROVINCE]
+        .iter()
+        .map(|code| code.parse().expect("code"))
+        .collect();
+    let made = init_certificates(dir.path(), &central_code, &agencies).expect("certificates");
+    let central = TestHub::start(
+        "tls-central",
+        HubOptions {
+            tls: Some(made.hub.clone()),
+            hub_code: CENTRAL.into(),
+            role: "central",
+            agencies: Some(vec![CENTRAL.into(), MINISTRY_HOME_AFFAIRS.into()]),
+            extra_toml: format!("[[peer]]\nprovince = \"H53\"\nidentity = \"{PROVINCE}\"\n"),
+            ..HubOptions::new(TransportKind::Embedded)
+        },
+    )
+    .await;
+
+    // The province's code without the hub role: an agency certificate, not a hub's.
+    let forward = wire::ForwardRequest {
+        message_id: "m1".into(),
+        recipient: MINISTRY_HOME_AFFAIRS.into(),
+        payload: Some(wire::forward_request::Payload::Document(document(
+            COMMUNE,
+            &[MINISTRY_HOME_AFFAIRS],
+            "qua trục",
+        ))),
+    };
+    let mut without_role = lienthong::client::connect_with(
+        &https(&central),
+        PROVINCE,
+        Some(&client_tls(&made, PROVINCE)),
+    )
+    .await
+    .expect("connect");
+    let refused = without_role
+        .forward(forward.clone())
+        .await
+        .expect_err("no hub role, no Forward");
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    assert!(
+        refused.message().contains("urn:lienthong:role:hub"),
+        "{}",
+        refused.message()
+    );
+
+    // The province hub itself, with its hub certificate, sends a commune's document up.
+    let hub_certificate = issue(
+        dir.path(),
+        "province-hub",
+        &[agency_uri(PROVINCE), "urn:lienthong:role:hub".into()],
+        false,
+    );
+    let province = TestHub::start(
+        "tls-province",
+        HubOptions {
+            extra_toml: format!(
+                "[uplink]\nhub = \"{CENTRAL}\"\nendpoint = \"{}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+                https(&central),
+                hub_certificate.ca_file.display(),
+                hub_certificate.cert_file.display(),
+                hub_certificate.key_file.display()
+            ),
+            ..HubOptions::new(TransportKind::Embedded)
+        },
+    )
+    .await;
+    let mut commune = province.client(COMMUNE).await;
+    let id = send(
+        &mut commune,
+        document(COMMUNE, &[MINISTRY_HOME_AFFAIRS], "qua trục"),
+    )
+    .await;
+    let mut ministry = lienthong::client::connect_with(
+        &https(&central),
+        MINISTRY_HOME_AFFAIRS,
+        Some(&client_tls(&made, MINISTRY_HOME_AFFAIRS)),
+    )
+    .await
+    .expect("connect");
+    let mut stream = open_stream(&mut ministry).await;
+    let delivery = next_delivery(&mut stream).await;
+    assert_eq!(delivered_document(&delivery).document_id, id);
+    ack(&mut ministry, &delivery).await;
+    province.finish().await;
+    central.finish().await;
+}

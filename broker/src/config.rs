@@ -859,6 +859,86 @@ max_document_bytes = 16777216
     }
 
     #[test]
+    fn province_and_central_roles_parse_with_their_links() {
+        let province = Config::parse_and_validate(
+            "[hub]\ncode = \"000.00.00.H53\"\nrole = \"province\"\n[uplink]\nhub = \"000.00.00.G22\"\nendpoint = \"http://central:50051\"\n",
+        )
+        .expect("valid province");
+        let uplink = province.federation.uplink.expect("an uplink");
+        assert_eq!(uplink.hub.as_str(), "000.00.00.G22");
+        assert_eq!(uplink.endpoint, "http://central:50051");
+        assert!(uplink.tls.is_none());
+        let central = Config::parse_and_validate(
+            "[hub]\ncode = \"000.00.00.G22\"\nrole = \"central\"\n[[peer]]\nprovince = \"H53\"\nidentity = \"000.00.00.H53\"\n[[peer]]\nprovince = \"H54\"\nidentity = \"000.00.00.H54\"\n",
+        )
+        .expect("valid central");
+        assert_eq!(central.federation.role, HubRole::Central);
+        let provinces: Vec<&str> = central
+            .federation
+            .peers
+            .iter()
+            .map(|p| p.province.as_str())
+            .collect();
+        assert_eq!(provinces, ["H53", "H54"]);
+        let standalone =
+            Config::parse_and_validate("[hub]\ncode = \"000.00.00.H53\"\n").expect("valid");
+        assert_eq!(standalone.federation.role, HubRole::Province);
+        assert!(standalone.federation.uplink.is_none());
+    }
+
+    #[test]
+    fn federation_mistakes_are_named_on_one_line() {
+        let hub = "[hub]\ncode = \"000.00.00.H53\"\n";
+        let central = "[hub]\ncode = \"000.00.00.G22\"\nrole = \"central\"\n";
+        let cases = [
+            (
+                "[hub]\ncode = \"000.00.00.H53\"\nrole = \"axis\"\n".to_owned(),
+                "[hub] role",
+            ),
+            (
+                format!("{central}[uplink]\nhub = \"000.00.00.G01\"\nendpoint = \"http://x:1\"\n"),
+                "[uplink]",
+            ),
+            (
+                format!("{hub}[uplink]\nhub = \"000.00.00.H53\"\nendpoint = \"http://x:1\"\n"),
+                "own province",
+            ),
+            (
+                format!("{hub}[uplink]\nhub = \"000.00.00.G22\"\nendpoint = \"x:1\"\n"),
+                "[uplink] endpoint",
+            ),
+            (
+                format!(
+                    "{hub}[uplink]\nhub = \"000.00.00.G22\"\nendpoint = \"https://x:1\"\nca_file = \"ca.pem\"\n"
+                ),
+                "together",
+            ),
+            (
+                format!("{hub}[[peer]]\nprovince = \"H54\"\nidentity = \"000.00.00.H54\"\n"),
+                "only a central hub",
+            ),
+            (
+                format!("{central}[[peer]]\nprovince = \"H5\"\nidentity = \"000.00.00.H54\"\n"),
+                "not a province code",
+            ),
+            (
+                format!(
+                    "{central}[[peer]]\nprovince = \"H54\"\nidentity = \"000.00.00.H54\"\n[[peer]]\nprovince = \"H54\"\nidentity = \"000.00.00.H55\"\n"
+                ),
+                "listed twice",
+            ),
+        ];
+        for (text, expected) in cases {
+            let error = Config::parse_and_validate(&text).expect_err(&text);
+            assert!(
+                error.contains(expected),
+                "`{error}` should name `{expected}`"
+            );
+            assert!(!error.contains('\n'), "`{error}` should be one line");
+        }
+    }
+
+    #[test]
     fn passwords_are_redacted() {
         assert_eq!(
             redact_url_password("amqp://guest:secret@127.0.0.1:5672/%2f"),

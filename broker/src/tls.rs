@@ -294,7 +294,8 @@ pub struct DevelopmentCertificates {
 }
 
 /// Makes a development CA, a hub certificate (for `localhost` and 127.0.0.1, naming the hub's
-/// code) and one client certificate per agency, as PEM files in `dir`. Keys are written 0600.
+/// code with the `hub` role, so that it also authenticates the hub to a central hub) and one
+/// client certificate per agency, as PEM files in `dir`. Keys are written 0600.
 pub fn init_certificates(
     dir: &Path,
     hub_code: &AgencyCode,
@@ -343,6 +344,12 @@ pub fn init_certificates(
         params.subject_alt_names.push(SanType::URI(
             format!("{AGENCY_URI_PREFIX}{code}").try_into()?,
         ));
+        if server {
+            // The hub's certificate is also its client certificate towards the central hub.
+            params
+                .subject_alt_names
+                .push(SanType::URI(format!("{ROLE_URI_PREFIX}hub").try_into()?));
+        }
         params
             .distinguished_name
             .push(DnType::CommonName, code.as_str());

@@ -1,5 +1,6 @@
 //! Three hubs as real processes on loopback: a central hub and two province hubs, each with its
-//! own queue prefix on the shared RabbitMQ, linked by `[uplink]` and `[[peer]]`.
+//! own queue prefix on the shared RabbitMQ (or its own embedded queues), linked by `[uplink]`
+//! and `[[peer]]`.
 
 use super::*;
 
@@ -59,6 +60,9 @@ impl FederatedHub {
             options,
         } = self;
         process.kill().await;
+        if options.kind != TransportKind::Amqp {
+            return;
+        }
         let config = files.config();
         let queues: Vec<AgencyCode> = options
             .agencies
@@ -77,7 +81,7 @@ impl FederatedHub {
     }
 }
 
-/// A central hub and two province hubs on RabbitMQ.
+/// A central hub and two province hubs.
 #[derive(Debug)]
 pub struct Federation {
     pub central: FederatedHub,
@@ -86,11 +90,13 @@ pub struct Federation {
 }
 
 impl Federation {
-    pub async fn start(name: &str) -> Federation {
+    /// Starts the three hubs on `kind` (each on RabbitMQ under its own prefix, or each with
+    /// its own embedded queues).
+    pub async fn start(name: &str, kind: TransportKind) -> Federation {
         let central_port = free_port();
         let base = HubOptions {
             prefetch: 64,
-            ..HubOptions::new(TransportKind::Amqp)
+            ..HubOptions::new(kind)
         };
         let central = FederatedHub::start(
             &format!("{name}-central"),
