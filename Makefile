@@ -2,11 +2,19 @@
 
 CARGO ?= cargo
 
-.PHONY: run run-amqp test chaos bench fuzz fmt lint rabbitmq browser clean-test-queues
+.PHONY: run run-central run-province run-amqp test chaos bench fuzz fmt lint rabbitmq browser clean-test-queues
 
 ## Starts a hub on the embedded transport (no RabbitMQ needed), gRPC on 127.0.0.1:50051.
 run:
 	$(CARGO) run --bin lienthong -- serve --config config/lienthong.toml
+
+## A central hub (ministries) and a province hub linked to it, each on its embedded transport:
+## run them in two terminals, then send from a commune to 000.00.00.G13 (README).
+run-central:
+	$(CARGO) run --bin lienthong -- serve --config config/central.toml
+
+run-province:
+	$(CARGO) run --bin lienthong -- serve --config config/province-h53.toml
 
 ## Starts a hub on RabbitMQ (started or installed first if needed).
 run-amqp: rabbitmq

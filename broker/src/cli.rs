@@ -672,14 +672,15 @@ async fn reload_directory(client: ClientArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One line for a receipt: `#seq KIND agency at ms [status code] [detail]`.
+/// One line for a receipt: `#seq KIND agency at ms on hub H [status code] [detail]`.
 pub fn describe_receipt(receipt: &wire::Receipt) -> String {
     let mut line = format!(
-        "#{} {} {} at {}",
+        "#{} {} {} at {} on hub {}",
         receipt.seq,
         crate::receipt::kind_name(receipt),
         receipt.agency,
-        receipt.at_unix_ms
+        receipt.at_unix_ms,
+        receipt.hub
     );
     if !receipt.status_code.is_empty() {
         line.push_str(&format!(
