@@ -196,6 +196,16 @@ async fn a_document_crosses_provinces_and_reaches_a_ministry_and_the_receipts_co
         wire::DeliveryState::Acknowledged
     );
 
+    // Operators see the queue of the central hub among the province's queues, with the uplink
+    // as its consumer, and nothing left in it.
+    let queues = list_queues(federation.province_a.endpoint()).await;
+    let uplink = queues
+        .queues
+        .iter()
+        .find(|q| q.agency == CENTRAL)
+        .expect("the queue of the central hub is listed");
+    assert_eq!((uplink.ready, uplink.consumers), (0, 1), "{uplink:?}");
+
     // The recipient in province B can track the document at its own hub too.
     let at_b = track(&mut commune_b, &id).await;
     assert_eq!(

@@ -182,15 +182,17 @@ impl QueueReading {
     }
 }
 
-/// Reads every agency's queue: depth and consumers from the transport, which is asked until its
-/// first error (returned beside the readings), and the waiting ages from the store.
+/// Reads every agency's queue, then the queues of neighbouring hubs (federation): depth and
+/// consumers from the transport, which is asked until its first error (returned beside the
+/// readings), and the waiting ages from the store (by final recipient, so none for a hub).
 pub async fn read_queues<T: Transport>(
     hub: &Hub<T>,
 ) -> Result<(Vec<QueueReading>, Option<String>), crate::store::StoreError> {
     let directory = hub.directory();
-    let mut readings = Vec::with_capacity(directory.len());
+    let neighbours = crate::federation::neighbour_queues(hub.config());
+    let mut readings = Vec::with_capacity(directory.len() + neighbours.len());
     let mut transport_error = None;
-    for agency in directory.codes() {
+    for agency in directory.codes().chain(&neighbours) {
         let depth = if transport_error.is_none() {
             match hub.transport().queue_depth(agency).await {
                 Ok(depth) => depth,

@@ -510,12 +510,13 @@ impl<T: Transport> Hub<T> {
         })
     }
 
-    /// Deliveries shown to `agency` and not yet settled.
+    /// Deliveries shown on `agency`'s streams (a hub's: hand-overs in flight) and not yet
+    /// settled.
     pub(crate) fn unacknowledged_of(&self, agency: &AgencyCode) -> u64 {
         self.pending_acks()
             .by_token
             .values()
-            .filter(|pending| &pending.message.recipient == agency)
+            .filter(|pending| &pending.holder == agency)
             .count() as u64
     }
 
