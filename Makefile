@@ -27,16 +27,21 @@ test: rabbitmq browser
 	$(CARGO) test --workspace --all-targets -- --skip faults::
 	$(CARGO) test --workspace --test chaos -- --test-threads=1
 
-## The chaos suite at full scale (100,000-document backlog), release build, one line per scenario.
+## The chaos suite at full scale (200,000-document backlog), release build, one line per scenario.
 chaos: rabbitmq
 	@mkdir -p target
 	LIENTHONG_CHAOS_SCALE=full $(CARGO) test --release --workspace --test chaos -- --test-threads=1 --nocapture \
 		> target/chaos.log 2>&1; status=$$?; grep -oE 'scenario [a-z-]+: .*|^test result.*|^error.*' target/chaos.log; exit $$status
 
-## Benchmarks (release build): the hub against RabbitMQ itself, then the receipt ledger at
-## 1,000,000 receipts. Results in target/bench/*.json.
-bench: rabbitmq
+## Benchmarks (release build): the hub against RabbitMQ itself (sizes × senders, an open-loop
+## case, a restart with a full outbox), then the receipt ledger at 1,000,000 receipts. Results
+## in target/bench/*.json; the chart of the first is rendered to docs/bench-chart.png.
+bench: rabbitmq browser
 	$(CARGO) bench -p lienthong --bench exchange --bench ledger
+	@if [ -f target/bench/exchange.svg ]; then \
+		chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1000,820 \
+			--screenshot=docs/bench-chart.png "file://$(CURDIR)/target/bench/exchange.svg" 2>/dev/null \
+		&& echo "chart written to docs/bench-chart.png"; fi
 
 ## Fuzzes what the hub reads from outside (documents, configuration, directory, exported
 ## ledgers) for FUZZ_SECONDS each; prints libFuzzer's run count per target. Installs cargo-fuzz.

@@ -7,7 +7,7 @@
 //!
 //! Some scenarios stop RabbitMQ itself, so this suite must not run beside other tests: `make test`
 //! runs it in a second pass with one test thread (`--skip faults::` in the first pass), and
-//! `make chaos` runs it at full scale (`LIENTHONG_CHAOS_SCALE=full`: 100,000-document backlog).
+//! `make chaos` runs it at full scale (`LIENTHONG_CHAOS_SCALE=full`: 200,000-document backlog).
 
 mod support;
 
@@ -35,7 +35,7 @@ mod faults {
         match std::env::var("LIENTHONG_CHAOS_SCALE").as_deref() {
             Ok("full") => Scale {
                 documents: 5_000,
-                backlog: 100_000,
+                backlog: 200_000,
                 senders: 32,
                 kills: 5,
             },
@@ -391,7 +391,11 @@ mod faults {
 
     /// A hub process on RabbitMQ with a fixed port, so that clients find it after restarts.
     fn chaos_options() -> HubOptions {
+        let cache_mib = std::env::var("LIENTHONG_CHAOS_CACHE_MIB")
+            .ok()
+            .and_then(|mib| mib.parse().ok());
         HubOptions {
+            cache_mib: cache_mib.unwrap_or(HubOptions::new(TransportKind::Amqp).cache_mib),
             grpc_listen: format!("127.0.0.1:{}", free_port()),
             prefetch: 64,
             delivery_limit: CHAOS_DELIVERY_LIMIT,

@@ -6,12 +6,23 @@
 //! - **hub**: a release `lienthong` process on the same RabbitMQ, senders calling `Send` over
 //!   gRPC (durable custody before the answer), one recipient streaming and acknowledging.
 //!
-//! It prints one line per case and writes `target/bench/exchange.json`;
-//! `LIENTHONG_BENCH_ONLY=16:64` runs one case (16 KiB, 64 senders). Run by `cargo test`
-//! (without `--bench`) it does one small case, so the suite keeps this code working.
+//! Then two cases of their own:
+//! - **open loop**: documents offered at a fixed rate (500 a second), whatever the answers, to
+//!   read the end-to-end latency of a hub that is not saturated;
+//! - **restart**: a hub with 100,000 documents in its outbox (RabbitMQ unreachable) is killed
+//!   (SIGKILL) and started again; the time until it answers `Send` again.
+//!
+//! It prints one line per case, writes `target/bench/exchange.json` and the chart
+//! `target/bench/exchange.svg` (which `make bench` renders to `docs/bench-chart.png`).
+//! `LIENTHONG_BENCH_ONLY=16:64` runs one case (16 KiB, 64 senders); `=open-loop` and
+//! `=restart` run those. Run by `cargo test` (without `--bench`) it does small versions of each,
+//! so the suite keeps this code working.
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
+
+#[path = "support/chart.rs"]
+mod chart;
 
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -24,6 +35,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::*;
 use tokio::task::JoinSet;
+
+/// Unacknowledged deliveries per consumer, the same for the hub's stream and raw lapin.
+const PREFETCH: u16 = 256;
+/// Acknowledgements the recipient has in flight at once (it processes documents in parallel).
+const ACKS_IN_FLIGHT: usize = 128;
 
 #[derive(Debug, Clone, Copy)]
 struct Case {
@@ -68,12 +84,14 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    // `LIENTHONG_BENCH_ONLY=16:64` runs only the 16 KiB, 64-sender case (sizes in KiB).
-    let only: Option<(usize, usize)> =
-        std::env::var("LIENTHONG_BENCH_ONLY").ok().and_then(|only| {
-            let (size, senders) = only.split_once(':')?;
-            Some((size.parse::<usize>().ok()? * 1024, senders.parse().ok()?))
-        });
+    // `LIENTHONG_BENCH_ONLY=16:64` runs only the 16 KiB, 64-sender case (sizes in KiB);
+    // `open-loop` and `restart` only those.
+    let only_name = std::env::var("LIENTHONG_BENCH_ONLY").ok();
+    let only: Option<(usize, usize)> = only_name.as_deref().and_then(|only| {
+        let (size, senders) = only.split_once(':')?;
+        Some((size.parse::<usize>().ok()? * 1024, senders.parse().ok()?))
+    });
+    let run_named = |name: &str| only_name.is_none() || only_name.as_deref() == Some(name);
     let cases: Vec<Case> = if full {
         let mut cases = Vec::new();
         for (size, documents) in [(2 * 1024, 4000), (16 * 1024, 4000), (256 * 1024, 600)] {
@@ -91,7 +109,8 @@ fn main() {
             }
         }
         cases.retain(|case| {
-            only.is_none_or(|(size, senders)| case.size == size && case.senders == senders)
+            only_name.is_none()
+                || only.is_some_and(|(size, senders)| case.size == size && case.senders == senders)
         });
         cases
     } else {
@@ -102,8 +121,17 @@ fn main() {
         }]
     };
     let mut json = Vec::new();
+    let mut points = Vec::new();
     for case in cases {
         let outcome = runtime.block_on(run_case(case));
+        points.push(chart::Point {
+            size_kib: case.size / 1024,
+            senders: case.senders,
+            hub_docs_per_s: outcome.hub_docs_per_s,
+            raw_msgs_per_s: outcome.raw_msgs_per_s,
+            e2e_p99_ms: outcome.e2e_ms.p99,
+            send_p99_ms: outcome.send_ms.p99,
+        });
         let line = format!(
             "bench size={}KiB senders={}: hub {:.0} docs/s raw {:.0} msg/s ratio {:.2} send-p50 {:.1}ms send-p99 {:.1}ms send-p99.9 {:.1}ms e2e-p50 {:.1}ms e2e-p99 {:.1}ms e2e-p99.9 {:.1}ms cpu {:.2} cores rss {}MiB",
             case.size / 1024,
@@ -142,6 +170,64 @@ fn main() {
             outcome.hub_peak_rss_mib
         ));
         assert!(outcome.hub_docs_per_s > 0.0 && outcome.raw_msgs_per_s > 0.0);
+    }
+    if run_named("open-loop") {
+        let (rate, seconds) = if full { (500, 20) } else { (50, 1) };
+        let open = runtime.block_on(open_loop(rate, seconds, 16 * 1024));
+        let line = format!(
+            "bench open-loop size=16KiB offered={rate}/s: delivered {:.0} docs/s send-p50 {:.1}ms send-p99 {:.1}ms e2e-p50 {:.1}ms e2e-p99 {:.1}ms e2e-p99.9 {:.1}ms cpu {:.2} cores rss {}MiB",
+            open.delivered_per_s,
+            open.send_ms.p50,
+            open.send_ms.p99,
+            open.e2e_ms.p50,
+            open.e2e_ms.p99,
+            open.e2e_ms.p999,
+            open.hub_cpu_cores,
+            open.hub_peak_rss_mib
+        );
+        println!("{line}");
+        json.push(format!(
+            "{{\"case\":\"open-loop\",\"size_bytes\":{},\"offered_per_s\":{rate},\"delivered_per_s\":{:.1},\"send_ms\":{{\"p50\":{:.3},\"p99\":{:.3}}},\"e2e_ms\":{{\"p50\":{:.3},\"p99\":{:.3},\"p999\":{:.3}}},\"hub_cpu_cores\":{:.3},\"hub_peak_rss_mib\":{}}}",
+            16 * 1024,
+            open.delivered_per_s,
+            open.send_ms.p50,
+            open.send_ms.p99,
+            open.e2e_ms.p50,
+            open.e2e_ms.p99,
+            open.e2e_ms.p999,
+            open.hub_cpu_cores,
+            open.hub_peak_rss_mib
+        ));
+        assert!(open.delivered_per_s > 0.0);
+    }
+    if run_named("restart") {
+        let waiting = if full { 100_000 } else { 200 };
+        let restart = runtime.block_on(restart_with_outbox(waiting));
+        let line = format!(
+            "bench restart outbox={waiting}: serving again {:.2}s after SIGKILL (first Send answered), outbox {} after restart, filled at {:.0} docs/s",
+            restart.serving_after.as_secs_f64(),
+            restart.outbox_after_restart,
+            restart.filled_per_s
+        );
+        println!("{line}");
+        json.push(format!(
+            "{{\"case\":\"restart\",\"outbox\":{waiting},\"serving_after_s\":{:.3},\"outbox_after_restart\":{}}}",
+            restart.serving_after.as_secs_f64(),
+            restart.outbox_after_restart
+        ));
+        assert_eq!(restart.outbox_after_restart, waiting as u64 + 1);
+    }
+    if full {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+        std::fs::create_dir_all(&dir).expect("create target/bench");
+        if !points.is_empty() {
+            let title = format!(
+                "lienthong hub vs RabbitMQ (lapin), {} cores, one run",
+                std::thread::available_parallelism().map_or(0, |n| n.get())
+            );
+            std::fs::write(dir.join("exchange.svg"), chart::svg(&points, &title))
+                .expect("write the chart");
+        }
     }
     if full {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
@@ -186,7 +272,7 @@ async fn raw_transport(case: Case) -> f64 {
         .expect("declare");
     let consumer_channel = connection.create_channel().await.expect("channel");
     consumer_channel
-        .basic_qos(64, BasicQosOptions::default())
+        .basic_qos(PREFETCH, BasicQosOptions::default())
         .await
         .expect("qos");
     let mut consumer = consumer_channel
@@ -262,7 +348,7 @@ fn share(total: usize, senders: usize, n: usize) -> usize {
 async fn hub(case: Case) -> Outcome {
     let options = HubOptions {
         max_document_bytes: case.size + 64 * 1024,
-        prefetch: 64,
+        prefetch: PREFETCH,
         ..HubOptions::new(TransportKind::Amqp)
     };
     let files = HubFiles::create("bench", &options);
@@ -285,7 +371,7 @@ async fn hub(case: Case) -> Outcome {
             }
             let mut acker = district.clone();
             acks.spawn(async move { ack(&mut acker, &delivery).await });
-            while acks.len() > 32 {
+            while acks.len() > ACKS_IN_FLIGHT {
                 acks.join_next().await;
             }
         }
@@ -305,6 +391,7 @@ async fn hub(case: Case) -> Outcome {
             let mut latencies = Vec::with_capacity(count);
             for n in 0..count {
                 let mut doc = document(COMMUNE, &[DISTRICT], &format!("bench {sender}/{n}"));
+                doc.document_id = unique_id("bench", sender, n);
                 doc.body = vec![b'x'; size];
                 let began = Instant::now();
                 sent_at
@@ -340,6 +427,182 @@ async fn hub(case: Case) -> Outcome {
     hub.kill().await;
     files.delete_topology().await;
     outcome
+}
+
+/// What the open-loop case measured.
+#[derive(Debug, Default)]
+struct OpenLoop {
+    delivered_per_s: f64,
+    send_ms: Percentiles,
+    e2e_ms: Percentiles,
+    hub_cpu_cores: f64,
+    hub_peak_rss_mib: u64,
+}
+
+/// Offers `rate` 16 KiB documents a second for `seconds`, each `Send` started on schedule
+/// whether or not the earlier ones were answered, to a hub whose district streams and acks.
+async fn open_loop(rate: u32, seconds: u32, size: usize) -> OpenLoop {
+    let options = HubOptions {
+        max_document_bytes: size + 64 * 1024,
+        prefetch: PREFETCH,
+        ..HubOptions::new(TransportKind::Amqp)
+    };
+    let files = HubFiles::create("bench-open", &options);
+    let hub = HubProcess::start(&files, &options).await;
+    let pid = hub.child.id().expect("running");
+    let total = (rate * seconds) as usize;
+    let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let mut district = hub.client(DISTRICT).await;
+    let mut stream = open_stream(&mut district).await;
+    let receipts = sent_at.clone();
+    let receiving = tokio::spawn(async move {
+        let mut e2e = Vec::with_capacity(total);
+        let mut acks = JoinSet::new();
+        while e2e.len() < total {
+            let delivery = next_delivery(&mut stream).await;
+            let id = delivered_document(&delivery).document_id.clone();
+            if let Some(sent) = receipts.lock().expect("lock").remove(&id) {
+                e2e.push(sent.elapsed());
+            }
+            let mut acker = district.clone();
+            acks.spawn(async move { ack(&mut acker, &delivery).await });
+            while acks.len() > ACKS_IN_FLIGHT {
+                acks.join_next().await;
+            }
+        }
+        while acks.join_next().await.is_some() {}
+        e2e
+    });
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        clients.push(hub.client(COMMUNE).await);
+    }
+    let cpu_before = cpu_seconds(pid);
+    let start = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut sends = JoinSet::new();
+    for n in 0..total {
+        ticker.tick().await;
+        let mut client = clients[n % clients.len()].clone();
+        let mut doc = document(COMMUNE, &[DISTRICT], &format!("open loop {n}"));
+        doc.document_id = unique_id("open", 0, n);
+        doc.body = vec![b'x'; size];
+        let began = Instant::now();
+        sent_at
+            .lock()
+            .expect("lock")
+            .insert(doc.document_id.clone(), began);
+        sends.spawn(async move {
+            client
+                .send(wire::SendRequest {
+                    document: Some(doc),
+                })
+                .await
+                .expect("send");
+            began.elapsed()
+        });
+    }
+    let mut send_latencies = Vec::with_capacity(total);
+    while let Some(latency) = sends.join_next().await {
+        send_latencies.push(latency.expect("send task"));
+    }
+    let e2e = receiving.await.expect("receiver");
+    let elapsed = start.elapsed();
+    let cpu = cpu_seconds(pid) - cpu_before;
+    let outcome = OpenLoop {
+        delivered_per_s: total as f64 / elapsed.as_secs_f64(),
+        send_ms: percentiles(send_latencies),
+        e2e_ms: percentiles(e2e),
+        hub_cpu_cores: cpu / elapsed.as_secs_f64(),
+        hub_peak_rss_mib: hub.peak_rss_bytes() / (1024 * 1024),
+    };
+    hub.kill().await;
+    files.delete_topology().await;
+    outcome
+}
+
+/// What the restart case measured.
+#[derive(Debug)]
+struct Restart {
+    serving_after: Duration,
+    outbox_after_restart: u64,
+    filled_per_s: f64,
+}
+
+/// Fills the outbox of a hub whose RabbitMQ is unreachable with `waiting` 2 KiB documents,
+/// kills it, starts it again, and times the first answered `Send`.
+async fn restart_with_outbox(waiting: usize) -> Restart {
+    let options = HubOptions {
+        amqp_url: Some(format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port())),
+        max_outbox_messages: waiting as u64 + 10_000,
+        grpc_listen: format!("127.0.0.1:{}", free_port()),
+        ..HubOptions::new(TransportKind::Amqp)
+    };
+    let files = HubFiles::create("bench-restart", &options);
+    let mut hub = HubProcess::start(&files, &options).await;
+    let started = Instant::now();
+    let mut senders = JoinSet::new();
+    for sender in 0..64 {
+        let mut client = hub.client(COMMUNE).await;
+        let count = share(waiting, 64, sender);
+        senders.spawn(async move {
+            for n in 0..count {
+                let mut doc = document(COMMUNE, &[DISTRICT], &format!("outbox {sender}/{n}"));
+                doc.document_id = unique_id("outbox", sender, n);
+                doc.body = vec![b'x'; 2 * 1024];
+                client
+                    .send(wire::SendRequest {
+                        document: Some(doc),
+                    })
+                    .await
+                    .expect("send");
+            }
+        });
+    }
+    while let Some(result) = senders.join_next().await {
+        result.expect("sender");
+    }
+    let filled_per_s = waiting as f64 / started.elapsed().as_secs_f64();
+    hub.child.kill().await.expect("SIGKILL");
+    let endpoint = hub.endpoint.clone();
+    let killed_at = Instant::now();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lienthong"))
+        .args(["serve", "--config"])
+        .arg(&files.config_path)
+        .env("RUST_LOG", "error")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the hub again");
+    let serving_after = loop {
+        if let Ok(mut client) = lienthong::client::connect(&endpoint, COMMUNE).await
+            && client
+                .send(wire::SendRequest {
+                    document: Some(document(COMMUNE, &[DISTRICT], "after restart")),
+                })
+                .await
+                .is_ok()
+        {
+            break killed_at.elapsed();
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(120),
+            "the hub does not answer Send 120 s after its restart"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let outbox_after_restart = list_queues(&endpoint).await.outbox_depth;
+    let _ = child.kill().await;
+    Restart {
+        serving_after,
+        outbox_after_restart,
+        filled_per_s,
+    }
+}
+
+/// A document id no other document of the run has (random ids collide at 100,000 documents).
+fn unique_id(case: &str, sender: usize, n: usize) -> String {
+    format!("{COMMUNE},2026/11/28,{sender}.{n}/{case}")
 }
 
 /// User plus system CPU time of a process, in seconds.

@@ -18,6 +18,8 @@ pub struct Config {
     pub grpc_listen: SocketAddr,
     pub http_listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// The database's page cache, in bytes (`[storage] cache_mib`).
+    pub cache_bytes: u64,
     pub transport: TransportConfig,
     pub directory_file: PathBuf,
     pub limits: Limits,
@@ -308,12 +310,14 @@ impl Default for ServerToml {
 #[serde(deny_unknown_fields, default)]
 struct StorageToml {
     data_dir: PathBuf,
+    cache_mib: u64,
 }
 
 impl Default for StorageToml {
     fn default() -> Self {
         StorageToml {
             data_dir: "data".into(),
+            cache_mib: crate::store::DEFAULT_CACHE_BYTES / (1024 * 1024),
         }
     }
 }
@@ -435,7 +439,11 @@ impl Config {
                     grpc_listen,
                     http_listen,
                 },
-            storage: StorageToml { data_dir },
+            storage:
+                StorageToml {
+                    data_dir,
+                    cache_mib,
+                },
             transport:
                 TransportToml {
                     kind,
@@ -609,6 +617,11 @@ impl Config {
             }
         };
         let federation = federation(&hub_code, role.as_deref(), uplink, peers)?;
+        if !(4..=65_536).contains(&cache_mib) {
+            return Err(format!(
+                "[storage] cache_mib: {cache_mib} must be between 4 and 65536"
+            ));
+        }
         let archive_dir = if archive_dir.is_empty() {
             data_dir.join("ledger-archive")
         } else {
@@ -628,6 +641,7 @@ impl Config {
             grpc_listen,
             http_listen,
             data_dir,
+            cache_bytes: cache_mib * 1024 * 1024,
             transport,
             directory_file,
             limits: Limits {

@@ -62,7 +62,12 @@ pub async fn run(
     // One TLS crypto provider for every rustls user in the process: ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let directory = AgencyDirectory::load(&config.directory_file)?;
-    let store = Store::open_with(&config.data_dir, &config.hub_code, config.checkpoints)?;
+    let store = Store::open_with(
+        &config.data_dir,
+        &config.hub_code,
+        config.checkpoints,
+        config.cache_bytes,
+    )?;
     // The queues of the agencies served here, and of the hubs this one exchanges with.
     let agencies: Vec<_> = directory
         .codes()

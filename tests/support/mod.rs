@@ -121,6 +121,8 @@ pub struct HubOptions {
     pub agencies: Option<Vec<String>>,
     /// Sections appended to the file as they are (`[uplink]`, `[[peer]]`).
     pub extra_toml: String,
+    /// `[storage] cache_mib`.
+    pub cache_mib: u64,
 }
 
 impl HubOptions {
@@ -147,6 +149,7 @@ impl HubOptions {
             role: "province",
             agencies: None,
             extra_toml: String::new(),
+            cache_mib: lienthong::store::DEFAULT_CACHE_BYTES / (1024 * 1024),
         }
     }
 }
@@ -198,6 +201,7 @@ grpc_listen = "{grpc_listen}"
 http_listen = "{http_listen}"
 [storage]
 data_dir = "{data_dir}"
+cache_mib = {cache_mib}
 [transport]
 kind = "{kind}"
 amqp_url = "{amqp_url}"
@@ -228,6 +232,7 @@ log_format = "{log_format}"
 sample_interval_ms = {sample_interval_ms}
 "#,
             hub_code = options.hub_code,
+            cache_mib = options.cache_mib,
             role = options.role,
             log_format = options.log_format,
             sample_interval_ms = options.sample_interval_ms,

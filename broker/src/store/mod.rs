@@ -41,6 +41,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{Notify, watch};
 
+/// The page cache of a store opened without a setting (`[storage] cache_mib`'s default).
+pub const DEFAULT_CACHE_BYTES: u64 = 16 * 1024 * 1024;
+
 /// A storage failure. Never shown to callers in detail beyond its message.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -162,14 +165,21 @@ impl Store {
     /// Opens (or creates) the database in `data_dir`, with the default checkpoint policy. Must
     /// run inside a tokio runtime.
     pub fn open(data_dir: &Path, hub_code: &AgencyCode) -> Result<Store, StoreError> {
-        Store::open_with(data_dir, hub_code, CheckpointPolicy::default())
+        Store::open_with(
+            data_dir,
+            hub_code,
+            CheckpointPolicy::default(),
+            DEFAULT_CACHE_BYTES,
+        )
     }
 
-    /// Opens (or creates) the database in `data_dir`, signing ledger checkpoints by `policy`.
+    /// Opens (or creates) the database in `data_dir`, signing ledger checkpoints by `policy`,
+    /// with a page cache of `cache_bytes` (`[storage] cache_mib`).
     pub fn open_with(
         data_dir: &Path,
         hub_code: &AgencyCode,
         policy: CheckpointPolicy,
+        cache_bytes: u64,
     ) -> Result<Store, StoreError> {
         let open_error = |source| StoreError::Open {
             data_dir: data_dir.to_owned(),
@@ -177,7 +187,7 @@ impl Store {
         };
         let db = sled::Config::new()
             .path(data_dir)
-            .cache_capacity(64 * 1024 * 1024)
+            .cache_capacity(cache_bytes)
             .open()
             .map_err(open_error)?;
         let tree = |name: &str| db.open_tree(name).map_err(open_error);
@@ -539,8 +549,8 @@ impl Store {
         Ok(batch)
     }
 
-    /// Removes a published message from the outbox and, for documents, writes its ENQUEUED receipt.
-    /// Called only after the transport confirmed the message.
+    /// Removes a published message from the outbox and, for documents, writes its ENQUEUED
+    /// receipt, in one transaction. Called only after the transport confirmed the message.
     pub fn mark_enqueued(
         &self,
         published: &PendingPublish,
@@ -551,49 +561,48 @@ impl Store {
             .document_id
             .as_ref()
             .filter(|_| published.holds_body);
-        let removed = match body_of {
-            None => inner.outbox.remove(&published.key)?.is_some(),
-            Some(document_id) => {
-                let result = (&inner.outbox, &inner.outbox_refs, &inner.document_bodies)
-                    .transaction(
-                        |(outbox, refs, bodies): &(
-                            TransactionalTree,
-                            TransactionalTree,
-                            TransactionalTree,
-                        )| {
-                            if outbox.remove(&published.key)?.is_none() {
-                                return Ok(false);
-                            }
-                            let remaining = refs
-                                .get(document_id.as_bytes())?
-                                .and_then(|v| <[u8; 4]>::try_from(&*v).ok())
-                                .map_or(0, u32::from_be_bytes)
-                                .saturating_sub(1);
-                            if remaining == 0 {
-                                refs.remove(document_id.as_bytes())?;
-                                bodies.remove(document_id.as_bytes())?;
-                            } else {
-                                refs.insert(document_id.as_bytes(), &remaining.to_be_bytes())?;
-                            }
-                            Ok(true)
-                        },
-                    );
-                unwrap_transaction(result)?
-            }
-        };
-        if !removed {
-            return Ok(());
-        }
-        inner.outbox_len.fetch_sub(1, Ordering::Relaxed);
-        if let Some(document_id) = &published.document_id {
-            self.append_receipt(
+        let receipt = published.document_id.as_ref().map(|document_id| {
+            self.new_receipt(
                 published.enqueued_seq,
                 document_id,
                 &published.recipient,
                 ReceiptKind::Enqueued,
                 now_unix_ms,
                 ReceiptDetail::default(),
-            )?;
+            )
+        });
+        let result = (
+            &inner.outbox,
+            &inner.outbox_refs,
+            &inner.document_bodies,
+            &inner.receipts,
+            &inner.receipts_by_document,
+            &inner.ledger_pending,
+        )
+            .transaction(|(outbox, refs, bodies, receipts, by_document, pending)| {
+                if outbox.remove(&published.key)?.is_none() {
+                    return Ok(false);
+                }
+                if let Some(document_id) = body_of {
+                    let remaining = refs
+                        .get(document_id.as_bytes())?
+                        .and_then(|v| <[u8; 4]>::try_from(&*v).ok())
+                        .map_or(0, u32::from_be_bytes)
+                        .saturating_sub(1);
+                    if remaining == 0 {
+                        refs.remove(document_id.as_bytes())?;
+                        bodies.remove(document_id.as_bytes())?;
+                    } else {
+                        refs.insert(document_id.as_bytes(), &remaining.to_be_bytes())?;
+                    }
+                }
+                if let Some(receipt) = &receipt {
+                    insert_receipt(receipts, by_document, pending, receipt)?;
+                }
+                Ok(true)
+            });
+        if unwrap_transaction(result)? {
+            inner.outbox_len.fetch_sub(1, Ordering::Relaxed);
         }
         Ok(())
     }
