@@ -224,6 +224,12 @@ impl<T: Transport> Hub<T> {
         let store = self.store();
         match payload {
             Some(wire::forward_request::Payload::Document(document)) => {
+                if document.document_id.is_empty() {
+                    return Err(HubError::invalid(
+                        "document.document_id",
+                        "a forwarded document keeps the id its origin gave it",
+                    ));
+                }
                 let mut document = Document::from_wire(document, self.document_limits(), now)?;
                 if !self.speaks_for(from_hub, &document.from) {
                     return Err(HubError::PermissionDenied(format!(
@@ -301,6 +307,15 @@ impl<T: Transport> Hub<T> {
                 )?;
             }
             Some(wire::forward_request::Payload::Receipt(receipt)) => {
+                let about: AgencyCode = receipt
+                    .agency
+                    .parse()
+                    .map_err(|e| HubError::invalid("receipt.agency", format!("{e}")))?;
+                if !self.speaks_for(from_hub, &about) {
+                    return Err(HubError::PermissionDenied(format!(
+                        "Forward: hub {from_hub} may not hand over receipts about {about}"
+                    )));
+                }
                 let document = self.known_document_for_forward(&receipt.document_id)?;
                 if document.from != recipient.as_str() {
                     return Err(HubError::invalid(

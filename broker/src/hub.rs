@@ -728,8 +728,10 @@ impl<T: Transport> Hub<T> {
     ) -> Result<(), HubError> {
         let store = &self.inner.store;
         let caller = pending.message.recipient.clone();
+        // A hand-over to the next hub is not the recipient's doing: its receipts count it.
+        let by_recipient = pending.holder == pending.message.recipient;
         let count = |event| {
-            if pending.message.document_id.is_some() {
+            if by_recipient && pending.message.document_id.is_some() {
                 self.inner
                     .metrics
                     .document(event, pending.urgency, caller.level());

@@ -176,6 +176,7 @@ pub fn accept_tls(
                 },
                 () = stop.cancelled() => return,
             };
+            crate::server::no_delay(&stream);
             let acceptor = acceptor.clone();
             let sender = sender.clone();
             tokio::spawn(async move {
