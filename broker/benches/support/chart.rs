@@ -51,7 +51,7 @@ pub(crate) fn svg(points: &[Point], title: &str) -> String {
     );
     let decades: Vec<f64> = (-1..=5)
         .map(|e| 10f64.powi(e))
-        .filter(|v| *v >= min_latency / 1.01 && *v <= max_latency * 10.0)
+        .filter(|v| *v >= min_latency / 1.01 && *v <= max_latency * 1.5)
         .collect();
     out += &latency.frame(&decades, |v| latency.y_log(v, min_latency, max_latency));
     for (index, size) in sizes.iter().enumerate() {
