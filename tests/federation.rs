@@ -14,11 +14,7 @@ use wire::ReceiptKind as Kind;
 
 /// The receipts of one recipient as (hub, kind), in order.
 fn hops(trace: &wire::TrackResponse, agency: &str) -> Vec<(String, Kind)> {
-    trace
-        .recipients
-        .iter()
-        .find(|r| r.agency == agency)
-        .unwrap_or_else(|| panic!("{agency} is a recipient"))
+    recipient_trace(trace, agency)
         .receipts
         .iter()
         .map(|r| (r.hub.clone(), r.kind()))
@@ -47,12 +43,7 @@ async fn track_until(
 }
 
 fn state_of(trace: &wire::TrackResponse, agency: &str) -> wire::DeliveryState {
-    trace
-        .recipients
-        .iter()
-        .find(|r| r.agency == agency)
-        .unwrap_or_else(|| panic!("{agency} is a recipient"))
-        .state()
+    recipient_trace(trace, agency).state()
 }
 
 on_both_transports!(a_document_crosses_provinces_and_reaches_a_ministry_and_the_receipts_come_back);
@@ -151,11 +142,7 @@ async fn a_document_crosses_provinces_and_reaches_a_ministry_and_the_receipts_co
             .count();
         assert_eq!(count, 1, "{expected:?} once in {to_b:?}");
     }
-    let forwarded: Vec<String> = trace
-        .recipients
-        .iter()
-        .find(|r| r.agency == COMMUNE_B)
-        .expect("commune B")
+    let forwarded: Vec<String> = recipient_trace(&trace, COMMUNE_B)
         .receipts
         .iter()
         .filter(|r| r.kind() == Kind::Forwarded)
@@ -172,12 +159,7 @@ async fn a_document_crosses_provinces_and_reaches_a_ministry_and_the_receipts_co
         state_of(&trace, COMMUNE_B),
         wire::DeliveryState::Acknowledged
     );
-    let statuses = &trace
-        .recipients
-        .iter()
-        .find(|r| r.agency == COMMUNE_B)
-        .expect("commune B")
-        .statuses;
+    let statuses = &recipient_trace(&trace, COMMUNE_B).statuses;
     assert_eq!(statuses.len(), 1);
     assert_eq!(statuses[0].status_code, "03");
     let to_ministry = hops(&trace, MINISTRY_HOME_AFFAIRS);
@@ -280,11 +262,7 @@ async fn what_no_hub_serves_is_refused_where_it_can_be_told_and_rejected_otherwi
     )
     .await;
     let reason = |agency: &str| {
-        trace
-            .recipients
-            .iter()
-            .find(|r| r.agency == agency)
-            .expect("recipient")
+        recipient_trace(&trace, agency)
             .receipts
             .iter()
             .rfind(|r| r.kind() == Kind::Rejected)

@@ -359,28 +359,7 @@ async fn hub(case: Case) -> Outcome {
     let pid = hub.child.id().expect("running");
     let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
 
-    let mut district = hub.client(DISTRICT).await;
-    let mut stream = open_stream(&mut district).await;
-    let total = case.documents;
-    let receipts = sent_at.clone();
-    let receiving = tokio::spawn(async move {
-        let mut e2e = Vec::with_capacity(total);
-        let mut acks = JoinSet::new();
-        while e2e.len() < total {
-            let delivery = next_delivery(&mut stream).await;
-            let id = delivered_document(&delivery).document_id.clone();
-            if let Some(sent) = receipts.lock().expect("lock").remove(&id) {
-                e2e.push(sent.elapsed());
-            }
-            let mut acker = district.clone();
-            acks.spawn(async move { ack(&mut acker, &delivery).await });
-            while acks.len() > ACKS_IN_FLIGHT {
-                acks.join_next().await;
-            }
-        }
-        while acks.join_next().await.is_some() {}
-        e2e
-    });
+    let receiving = receive_and_ack(&hub, case.documents, sent_at.clone()).await;
 
     let cpu_before = cpu_seconds(pid);
     let start = Instant::now();
@@ -432,6 +411,35 @@ async fn hub(case: Case) -> Outcome {
     outcome
 }
 
+/// The district streams `total` documents and acknowledges each (up to `ACKS_IN_FLIGHT` at
+/// once); resolves to each document's end-to-end latency, from its entry in `sent_at`.
+async fn receive_and_ack(
+    hub: &HubProcess,
+    total: usize,
+    sent_at: Arc<Mutex<HashMap<String, Instant>>>,
+) -> tokio::task::JoinHandle<Vec<Duration>> {
+    let district = hub.client(DISTRICT).await;
+    let mut stream = open_stream(&mut district.clone()).await;
+    tokio::spawn(async move {
+        let mut e2e = Vec::with_capacity(total);
+        let mut acks = JoinSet::new();
+        while e2e.len() < total {
+            let delivery = next_delivery(&mut stream).await;
+            let id = delivered_document(&delivery).document_id.clone();
+            if let Some(sent) = sent_at.lock().expect("lock").remove(&id) {
+                e2e.push(sent.elapsed());
+            }
+            let mut acker = district.clone();
+            acks.spawn(async move { ack(&mut acker, &delivery).await });
+            while acks.len() > ACKS_IN_FLIGHT {
+                acks.join_next().await;
+            }
+        }
+        while acks.join_next().await.is_some() {}
+        e2e
+    })
+}
+
 /// What the open-loop case measured.
 #[derive(Debug, Default)]
 struct OpenLoop {
@@ -455,27 +463,7 @@ async fn open_loop(rate: u32, seconds: u32, size: usize) -> OpenLoop {
     let pid = hub.child.id().expect("running");
     let total = (rate * seconds) as usize;
     let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let mut district = hub.client(DISTRICT).await;
-    let mut stream = open_stream(&mut district).await;
-    let receipts = sent_at.clone();
-    let receiving = tokio::spawn(async move {
-        let mut e2e = Vec::with_capacity(total);
-        let mut acks = JoinSet::new();
-        while e2e.len() < total {
-            let delivery = next_delivery(&mut stream).await;
-            let id = delivered_document(&delivery).document_id.clone();
-            if let Some(sent) = receipts.lock().expect("lock").remove(&id) {
-                e2e.push(sent.elapsed());
-            }
-            let mut acker = district.clone();
-            acks.spawn(async move { ack(&mut acker, &delivery).await });
-            while acks.len() > ACKS_IN_FLIGHT {
-                acks.join_next().await;
-            }
-        }
-        while acks.join_next().await.is_some() {}
-        e2e
-    });
+    let receiving = receive_and_ack(&hub, total, sent_at.clone()).await;
     let mut clients = Vec::new();
     for _ in 0..16 {
         clients.push(hub.client(COMMUNE).await);

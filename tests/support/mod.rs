@@ -560,13 +560,21 @@ pub async fn track(client: &mut ExchangeClient, document_id: &str) -> wire::Trac
         .into_inner()
 }
 
-/// The kinds of a recipient's receipts, in order.
-pub fn receipt_kinds(trace: &wire::TrackResponse, agency: &str) -> Vec<wire::ReceiptKind> {
+/// One recipient's part of a `Track` answer.
+pub fn recipient_trace<'a>(
+    trace: &'a wire::TrackResponse,
+    agency: &str,
+) -> &'a wire::RecipientTrace {
     trace
         .recipients
         .iter()
         .find(|r| r.agency == agency)
         .unwrap_or_else(|| panic!("{agency} is a recipient"))
+}
+
+/// The kinds of a recipient's receipts, in order.
+pub fn receipt_kinds(trace: &wire::TrackResponse, agency: &str) -> Vec<wire::ReceiptKind> {
+    recipient_trace(trace, agency)
         .receipts
         .iter()
         .map(|r| r.kind())

@@ -7,8 +7,8 @@
 //! `relay` holds the relay's cursor (`cursor` → the next ledger index to look at, u64 BE).
 
 use super::{
-    Acceptance, ReceiptDetail, Store, StoreError, corrupt, insert_receipt, outbox_key,
-    unwrap_transaction, waiting_key,
+    Acceptance, ReceiptDetail, Store, StoreError, corrupt, document_entry, insert_receipt,
+    outbox_key, stored_document, unwrap_transaction, waiting_key,
 };
 use crate::agency::AgencyCode;
 use crate::document::Document;
@@ -54,16 +54,7 @@ impl Store {
         now_unix_ms: i64,
     ) -> Result<Acceptance, StoreError> {
         let inner = &*self.inner;
-        let stored = wire::StoredDocument {
-            document_id: document.id.clone(),
-            from: document.from.to_string(),
-            to: document.to.iter().map(ToString::to_string).collect(),
-            content_sha256: document.content_sha256.to_vec(),
-            accepted_at_unix_ms: now_unix_ms,
-            priority: u32::from(document.urgency.value()),
-            business_type: document.wire.business_type,
-            references_document_id: document.wire.references_document_id.clone(),
-        };
+        let stored = stored_document(document, now_unix_ms);
         let body = document.wire.encode_to_vec();
         let accepted = self.new_receipt(
             inner.db.generate_id()?,
@@ -73,15 +64,7 @@ impl Store {
             now_unix_ms,
             ReceiptDetail::default(),
         );
-        let entry = wire::OutboxEntry {
-            message_id: document.id.clone(),
-            recipient: recipient.to_string(),
-            payload: Some(wire::outbox_entry::Payload::DocumentId(document.id.clone())),
-            accepted_at_unix_ms: now_unix_ms,
-            receipt_document_id: String::new(),
-            traceparent: traceparent.to_owned(),
-        }
-        .encode_to_vec();
+        let entry = document_entry(document, recipient, traceparent, now_unix_ms);
         let entry_key = outbox_key(document.urgency.value(), inner.db.generate_id()?);
         let waiting = waiting_key(
             recipient.as_str(),
@@ -216,19 +199,12 @@ impl Store {
         let inner = &*self.inner;
         let mut entries = Vec::with_capacity(relays.len());
         for (sender, receipt) in relays {
-            let entry = wire::OutboxEntry {
-                message_id: format!("receipt/{}/{}", inner.hub_code, receipt.seq),
-                recipient: sender.clone(),
-                payload: Some(wire::outbox_entry::Payload::Receipt(receipt.clone())),
-                accepted_at_unix_ms: now_unix_ms,
-                receipt_document_id: String::new(),
-                traceparent: String::new(),
-            };
-            let key = outbox_key(
-                crate::document::Urgency::HIGHEST.value(),
-                inner.db.generate_id()?,
-            );
-            entries.push((key, entry.encode_to_vec()));
+            entries.push(self.urgent_entry(
+                &format!("receipt/{}/{}", inner.hub_code, receipt.seq),
+                sender,
+                wire::outbox_entry::Payload::Receipt(receipt.clone()),
+                now_unix_ms,
+            )?);
         }
         let result = (&inner.outbox, &inner.relay).transaction(|(outbox, relay)| {
             for (key, entry) in &entries {

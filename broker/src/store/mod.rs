@@ -272,17 +272,7 @@ impl Store {
         now_unix_ms: i64,
     ) -> Result<Acceptance, StoreError> {
         let inner = &*self.inner;
-        let stored = wire::StoredDocument {
-            document_id: document.id.clone(),
-            from: document.from.to_string(),
-            to: document.to.iter().map(ToString::to_string).collect(),
-            content_sha256: document.content_sha256.to_vec(),
-            accepted_at_unix_ms: now_unix_ms,
-            priority: u32::from(document.urgency.value()),
-            business_type: document.wire.business_type,
-            references_document_id: document.wire.references_document_id.clone(),
-        }
-        .encode_to_vec();
+        let stored = stored_document(document, now_unix_ms).encode_to_vec();
         let body = document.wire.encode_to_vec();
         let mut seqs = Vec::with_capacity(document.to.len() * 2);
         for _ in 0..document.to.len() * 2 {
@@ -344,19 +334,9 @@ impl Store {
                         &(document.to.len() as u32).to_be_bytes(),
                     )?;
                     for (index, recipient) in document.to.iter().enumerate() {
-                        let entry = wire::OutboxEntry {
-                            message_id: document.id.clone(),
-                            recipient: recipient.to_string(),
-                            payload: Some(wire::outbox_entry::Payload::DocumentId(
-                                document.id.clone(),
-                            )),
-                            accepted_at_unix_ms: now_unix_ms,
-                            receipt_document_id: String::new(),
-                            traceparent: traceparent.to_owned(),
-                        };
                         outbox.insert(
                             &outbox_key(document.urgency.value(), seqs[2 * index]),
-                            entry.encode_to_vec(),
+                            document_entry(document, recipient, traceparent, now_unix_ms),
                         )?;
                         waiting.insert(
                             waiting_key(
@@ -419,19 +399,12 @@ impl Store {
                 now_unix_ms,
                 &message_id,
             ));
-            let entry = wire::OutboxEntry {
-                message_id: message_id.clone(),
-                recipient: recipient.to_string(),
-                payload: Some(wire::outbox_entry::Payload::Status(report.clone())),
-                accepted_at_unix_ms: now_unix_ms,
-                receipt_document_id: String::new(),
-                traceparent: String::new(),
-            };
-            let key = outbox_key(
-                crate::document::Urgency::HIGHEST.value(),
-                inner.db.generate_id()?,
-            );
-            entries.push((key, entry.encode_to_vec()));
+            entries.push(self.urgent_entry(
+                &message_id,
+                recipient.as_str(),
+                wire::outbox_entry::Payload::Status(report.clone()),
+                now_unix_ms,
+            )?);
         }
         let mut receipts = Vec::with_capacity(about.len());
         for agency in about {
@@ -482,6 +455,30 @@ impl Store {
             .outbox_len
             .fetch_add(recipients.len() as u64, Ordering::Relaxed);
         Ok(receipts)
+    }
+
+    /// An outbox entry (key and encoded value) for a message that goes before every document:
+    /// a status report or a relayed receipt.
+    fn urgent_entry(
+        &self,
+        message_id: &str,
+        recipient: &str,
+        payload: wire::outbox_entry::Payload,
+        now_unix_ms: i64,
+    ) -> Result<([u8; 9], Vec<u8>), StoreError> {
+        let entry = wire::OutboxEntry {
+            message_id: message_id.to_owned(),
+            recipient: recipient.to_owned(),
+            payload: Some(payload),
+            accepted_at_unix_ms: now_unix_ms,
+            receipt_document_id: String::new(),
+            traceparent: String::new(),
+        };
+        let key = outbox_key(
+            crate::document::Urgency::HIGHEST.value(),
+            self.inner.db.generate_id()?,
+        );
+        Ok((key, entry.encode_to_vec()))
     }
 
     /// Up to `limit` outbox messages, most urgent first, then oldest first.
@@ -1090,6 +1087,38 @@ impl Store {
             reported_by: detail.reported_by.to_owned(),
         }
     }
+}
+
+/// What the store remembers of a document it takes custody of.
+fn stored_document(document: &Document, now_unix_ms: i64) -> wire::StoredDocument {
+    wire::StoredDocument {
+        document_id: document.id.clone(),
+        from: document.from.to_string(),
+        to: document.to.iter().map(ToString::to_string).collect(),
+        content_sha256: document.content_sha256.to_vec(),
+        accepted_at_unix_ms: now_unix_ms,
+        priority: u32::from(document.urgency.value()),
+        business_type: document.wire.business_type,
+        references_document_id: document.wire.references_document_id.clone(),
+    }
+}
+
+/// The encoded outbox entry of a document for one recipient (its body is stored once, apart).
+fn document_entry(
+    document: &Document,
+    recipient: &AgencyCode,
+    traceparent: &str,
+    now_unix_ms: i64,
+) -> Vec<u8> {
+    wire::OutboxEntry {
+        message_id: document.id.clone(),
+        recipient: recipient.to_string(),
+        payload: Some(wire::outbox_entry::Payload::DocumentId(document.id.clone())),
+        accepted_at_unix_ms: now_unix_ms,
+        receipt_document_id: String::new(),
+        traceparent: traceparent.to_owned(),
+    }
+    .encode_to_vec()
 }
 
 /// Inserts a receipt and its index entry inside a transaction.
