@@ -364,3 +364,62 @@ async fn forward_is_for_peer_hubs_and_refuses_loops() {
     assert_no_delivery(&mut stream_b, Duration::from_millis(700)).await;
     federation.finish().await;
 }
+
+/// With the central hub down, a province goes on: it accepts every document, delivers inside
+/// the province, and keeps the rest in its queue of the central hub until the link is back.
+#[tokio::test]
+async fn a_province_goes_on_while_the_central_hub_is_down() {
+    let mut federation = Federation::start("fed-outage", TransportKind::Amqp).await;
+    federation
+        .central
+        .process
+        .child
+        .kill()
+        .await
+        .expect("SIGKILL the central hub");
+    let mut sender = federation.province_a.client(COMMUNE_A).await;
+    let crossing = send(&mut sender, document(COMMUNE_A, &[COMMUNE_B], "waits")).await;
+    let local = send(&mut sender, document(COMMUNE_A, &[COMMUNE_2], "stays home")).await;
+    let mut neighbour = federation.province_a.client(COMMUNE_2).await;
+    let mut stream_local = open_stream(&mut neighbour).await;
+    let delivery = next_delivery(&mut stream_local).await;
+    assert_eq!(delivered_document(&delivery).document_id, local);
+    ack(&mut neighbour, &delivery).await;
+
+    // The crossing document waits in the province's queue of the central hub (held by the
+    // uplink, which retries).
+    let origin = federation.province_a.endpoint().to_owned();
+    eventually(
+        "the crossing document waits in the queue of the central hub",
+        Duration::from_secs(10),
+        || async {
+            list_queues(&origin)
+                .await
+                .queues
+                .iter()
+                .any(|q| q.agency == CENTRAL && q.ready + q.unacknowledged == 1)
+        },
+    )
+    .await;
+    let trace = track(&mut sender, &crossing).await;
+    assert!(
+        !hops(&trace, COMMUNE_B)
+            .iter()
+            .any(|(_, kind)| *kind == Kind::Forwarded),
+        "not forwarded while the central hub is down: {trace:?}"
+    );
+
+    // The central hub comes back on the same data and port; the document flows.
+    federation.central.restart_after(Duration::ZERO).await;
+    let mut commune_b = federation.province_b.client(COMMUNE_B).await;
+    let mut stream_b = open_stream(&mut commune_b).await;
+    let delivery = tokio::time::timeout(Duration::from_secs(30), stream_b.message())
+        .await
+        .expect("the document arrives once the central hub is back")
+        .expect("healthy stream")
+        .expect("open stream");
+    assert_eq!(delivered_document(&delivery).document_id, crossing);
+    ack(&mut commune_b, &delivery).await;
+    assert_no_delivery(&mut stream_b, Duration::from_millis(500)).await;
+    federation.finish().await;
+}
