@@ -603,7 +603,7 @@ impl<T: Transport> Hub<T> {
                 (wire::delivery::Payload::Receipt(receipt), None, 0)
             }
             Some(wire::queued_message::Payload::Receipt(_)) | None => {
-                tracing::error!(agency = %caller, "message without payload sent to the dead letters");
+                tracing::error!(agency = %caller, "message without a payload this stream carries sent to the dead letters");
                 self.pending_acks().shown.remove(&pair);
                 let _ = inbound.acker.dead_letter().await;
                 return Ok(None);
