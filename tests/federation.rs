@@ -401,6 +401,14 @@ async fn a_province_goes_on_while_the_central_hub_is_down() {
         },
     )
     .await;
+    // Still ready (it serves its province), and it says the uplink is down.
+    let http = federation.province_a.options.http_listen.clone();
+    let (status, body) = http_get(&http, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains(&format!("uplink: {CENTRAL} unreachable")),
+        "{body}"
+    );
     let trace = track(&mut sender, &crossing).await;
     assert!(
         !hops(&trace, COMMUNE_B)
@@ -421,5 +429,17 @@ async fn a_province_goes_on_while_the_central_hub_is_down() {
     assert_eq!(delivered_document(&delivery).document_id, crossing);
     ack(&mut commune_b, &delivery).await;
     assert_no_delivery(&mut stream_b, Duration::from_millis(500)).await;
+    // The uplink's own stream from the central hub reconnects too (after its backoff).
+    eventually(
+        "the province reports its uplink connected again",
+        Duration::from_secs(15),
+        || async {
+            let (_, body) = http_get(&http, "/readyz").await;
+            let (_, metrics) = http_get(&http, "/metrics").await;
+            body.contains(&format!("uplink: connected to {CENTRAL}"))
+                && metrics.contains("lienthong_uplink_connected 1")
+        },
+    )
+    .await;
     federation.finish().await;
 }

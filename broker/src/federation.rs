@@ -464,6 +464,10 @@ impl<T: Transport> LocalHub for UplinkSide<T> {
     async fn take_custody(&self, message: wire::ForwardRequest) -> Result<(), tonic::Status> {
         Ok(self.hub.forward(&self.central, message).await?)
     }
+
+    fn link_changed(&self, connected: bool) {
+        self.hub.set_uplink_connected(connected);
+    }
 }
 
 /// Runs the uplink connector of a province hub with `[uplink]`, until `shutdown`.

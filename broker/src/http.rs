@@ -116,6 +116,17 @@ async fn readyz<T: Transport>(State(hub): State<Hub<T>>) -> impl IntoResponse {
             "warning: no authentication (identity from x-lienthong-agency metadata)"
         },
     );
+    // A province goes on without its central hub, so the uplink is reported, not required.
+    if let Some(uplink) = &hub.config().federation.uplink {
+        body.push_str(&if hub.uplink_connected() {
+            format!("uplink: connected to {}\n", uplink.hub)
+        } else {
+            format!(
+                "uplink: {} unreachable; documents for other provinces and ministries wait\n",
+                uplink.hub
+            )
+        });
+    }
     let status = if connected {
         body.insert_str(0, "ready\n");
         StatusCode::OK
@@ -131,6 +142,7 @@ async fn metrics<T: Transport>(State(hub): State<Hub<T>>) -> impl IntoResponse {
         outbox_depth: hub.store().outbox_len(),
         transport_connected: hub.transport().is_ready(),
         database_bytes: hub.store().size_on_disk(),
+        uplink_connected: hub.uplink_connected(),
     });
     (
         [(

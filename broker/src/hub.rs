@@ -57,6 +57,8 @@ struct HubInner<T: Transport> {
     open_streams: Arc<Mutex<HashMap<AgencyCode, u32>>>,
     /// `Send` allowance per agency (`limits.max_sends_per_second`).
     send_buckets: Mutex<HashMap<AgencyCode, TokenBucket>>,
+    /// Whether the uplink's stream from the central hub is open (false without an uplink).
+    uplink_connected: std::sync::atomic::AtomicBool,
 }
 
 /// A token bucket: `rate` tokens a second, holding at most two seconds' worth.
@@ -190,6 +192,7 @@ impl<T: Transport> Hub<T> {
                 pending_acks: Mutex::new(PendingAcks::default()),
                 open_streams: Arc::new(Mutex::new(HashMap::new())),
                 send_buckets: Mutex::new(HashMap::new()),
+                uplink_connected: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -244,6 +247,19 @@ impl<T: Transport> Hub<T> {
             .write()
             .unwrap_or_else(|p| p.into_inner()) = Arc::new(directory);
         Ok((added, removed))
+    }
+
+    /// Whether the uplink's stream from the central hub is open now.
+    pub fn uplink_connected(&self) -> bool {
+        self.inner
+            .uplink_connected
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_uplink_connected(&self, connected: bool) {
+        self.inner
+            .uplink_connected
+            .store(connected, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn activity(&self) -> &crate::activity::Activity {

@@ -64,6 +64,7 @@ pub struct Metrics {
     end_to_end_seconds: Histogram,
     outbox_depth: Gauge,
     transport_connected: Gauge,
+    uplink_connected: Gauge,
     database_bytes: Gauge,
     queue_messages: Family<QueueLabels, Gauge>,
     queue_consumers: Family<QueueLabels, Gauge>,
@@ -77,6 +78,7 @@ pub struct Snapshot {
     pub outbox_depth: u64,
     pub transport_connected: bool,
     pub database_bytes: u64,
+    pub uplink_connected: bool,
 }
 
 impl Default for Metrics {
@@ -125,6 +127,12 @@ impl Metrics {
             "1 when the message transport (RabbitMQ) is connected",
             transport_connected.clone(),
         );
+        let uplink_connected = Gauge::default();
+        registry.register(
+            "uplink_connected",
+            "1 when a province hub's stream from the central hub is open; 0 otherwise, and on a hub without [uplink]",
+            uplink_connected.clone(),
+        );
         let database_bytes = Gauge::default();
         registry.register(
             "database_bytes",
@@ -167,6 +175,7 @@ impl Metrics {
             end_to_end_seconds,
             outbox_depth,
             transport_connected,
+            uplink_connected,
             database_bytes,
         }
     }
@@ -231,6 +240,8 @@ impl Metrics {
             .set(i64::try_from(snapshot.outbox_depth).unwrap_or(i64::MAX));
         self.transport_connected
             .set(i64::from(snapshot.transport_connected));
+        self.uplink_connected
+            .set(i64::from(snapshot.uplink_connected));
         self.database_bytes
             .set(i64::try_from(snapshot.database_bytes).unwrap_or(i64::MAX));
         let mut text = String::new();
@@ -254,6 +265,7 @@ mod tests {
             outbox_depth: 7,
             transport_connected: true,
             database_bytes: 4096,
+            uplink_connected: false,
         });
         assert!(
             text.contains(

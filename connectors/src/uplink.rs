@@ -58,6 +58,10 @@ pub trait LocalHub: Clone + Send + Sync + 'static {
         &self,
         message: wire::ForwardRequest,
     ) -> impl Future<Output = Result<(), Status>> + Send;
+
+    /// Whether the stream from the central hub is open now: told at every change, for
+    /// operators (readiness text and metrics).
+    fn link_changed(&self, connected: bool);
 }
 
 /// Where the central hub is and who this hub is to it.
@@ -239,6 +243,7 @@ async fn down<L: LocalHub>(
         let mut stream = match opened {
             Ok(response) => response.into_inner(),
             Err(status) => {
+                local.link_changed(false);
                 if connected {
                     tracing::warn!(central = %link.central, code = ?status.code(), reason = status.message(), "uplink: the central hub is unreachable; retrying");
                     connected = false;
@@ -252,6 +257,7 @@ async fn down<L: LocalHub>(
             }
         };
         tracing::info!(central = %link.central, "uplink: connected to the central hub");
+        local.link_changed(true);
         connected = true;
         backoff = MIN_BACKOFF;
         loop {
@@ -279,6 +285,7 @@ async fn down<L: LocalHub>(
                 drop(permit);
             });
         }
+        local.link_changed(false);
         if pause(&mut backoff, &shutdown).await {
             return;
         }
