@@ -64,48 +64,42 @@ pub fn neighbour_queues(config: &Config) -> Vec<AgencyCode> {
 impl<T: Transport> Hub<T> {
     /// Where a message for `recipient` goes from here; `None` when no hub known here serves it.
     pub fn route(&self, recipient: &AgencyCode) -> Option<Route> {
-        self.route_in(&self.directory(), recipient)
+        self.route_in(&self.directory(), recipient).ok()
     }
 
+    /// Where a message for `recipient` goes from here, or why no hub known here serves it
+    /// (for the caller).
     pub(crate) fn route_in(
         &self,
         directory: &AgencyDirectory,
         recipient: &AgencyCode,
-    ) -> Option<Route> {
+    ) -> Result<Route, String> {
         if directory.contains(recipient) {
-            return Some(Route::Local);
+            return Ok(Route::Local);
         }
         let config = self.config();
         let federation = &config.federation;
         match federation.role {
             // Agencies of this province are all in the directory: a code that is not is unknown.
-            HubRole::Province if recipient.province() == config.hub_code.province() => None,
+            HubRole::Province if recipient.province() == config.hub_code.province() => Err(
+                format!("agency {recipient} is not in the hub's directory"),
+            ),
             HubRole::Province => federation
                 .uplink
                 .as_ref()
-                .map(|uplink| Route::Via(uplink.hub.clone())),
+                .map(|uplink| Route::Via(uplink.hub.clone()))
+                .ok_or_else(|| format!(
+                    "agency {recipient} is not in the hub's directory, and this hub has no uplink ([uplink]) to the central hub"
+                )),
             HubRole::Central => federation
                 .peers
                 .iter()
                 .find(|peer| peer.province == recipient.province())
-                .map(|peer| Route::Via(peer.identity.clone())),
-        }
-    }
-
-    /// Why `recipient` has no route, for the caller.
-    pub(crate) fn unroutable(&self, recipient: &AgencyCode) -> String {
-        let config = self.config();
-        match config.federation.role {
-            HubRole::Province if recipient.province() == config.hub_code.province() => {
-                format!("agency {recipient} is not in the hub's directory")
-            }
-            HubRole::Province => format!(
-                "agency {recipient} is not in the hub's directory, and this hub has no uplink ([uplink]) to the central hub"
-            ),
-            HubRole::Central => format!(
-                "agency {recipient} is not in the hub's directory, and no province hub ([[peer]]) serves province {}",
-                recipient.province()
-            ),
+                .map(|peer| Route::Via(peer.identity.clone()))
+                .ok_or_else(|| format!(
+                    "agency {recipient} is not in the hub's directory, and no province hub ([[peer]]) serves province {}",
+                    recipient.province()
+                )),
         }
     }
 
@@ -126,16 +120,10 @@ impl<T: Transport> Hub<T> {
 
     /// Whether the stream of `holder` carries messages for `recipient`: its own, or, for a
     /// neighbouring hub, those routed through it.
-    pub(crate) fn holds_for(&self, holder: &AgencyCode, recipient: &str) -> bool {
-        if recipient == holder.as_str() {
-            return true;
-        }
-        self.is_neighbour(holder)
-            && recipient
-                .parse()
-                .ok()
-                .and_then(|code| self.route(&code))
-                .is_some_and(|route| route == Route::Via(holder.clone()))
+    pub(crate) fn holds_for(&self, holder: &AgencyCode, recipient: &AgencyCode) -> bool {
+        recipient == holder
+            || (self.is_neighbour(holder)
+                && self.route(recipient) == Some(Route::Via(holder.clone())))
     }
 
     /// The identity a gRPC caller acts as on `DocumentExchange`. A peer hub's identity needs the
@@ -206,19 +194,14 @@ impl<T: Transport> Hub<T> {
                 "must be 1 to 512 bytes long",
             ));
         }
-        match self.route(&recipient) {
-            None => {
-                return Err(HubError::NotFound(format!(
-                    "recipient: {}",
-                    self.unroutable(&recipient)
-                )));
-            }
-            Some(Route::Via(next)) if &next == from_hub => {
+        match self.route_in(&self.directory(), &recipient) {
+            Err(reason) => return Err(HubError::NotFound(format!("recipient: {reason}"))),
+            Ok(Route::Via(next)) if &next == from_hub => {
                 return Err(HubError::FailedPrecondition(format!(
                     "recipient: agency {recipient} is reached through hub {from_hub} itself; refusing a routing loop"
                 )));
             }
-            Some(_) => {}
+            Ok(_) => {}
         }
         let now = now_unix_ms();
         let store = self.store();
@@ -279,7 +262,7 @@ impl<T: Transport> Hub<T> {
                         "Forward: hub {from_hub} may not hand over status reports of {reporter}"
                     )));
                 }
-                let document = self.known_document_for_forward(&report.document_id)?;
+                let document = self.known_document(&report.document_id)?;
                 let party = |code: &AgencyCode| {
                     document.from == code.as_str()
                         || document.to.iter().any(|to| to == code.as_str())
@@ -316,7 +299,7 @@ impl<T: Transport> Hub<T> {
                         "Forward: hub {from_hub} may not hand over receipts about {about}"
                     )));
                 }
-                let document = self.known_document_for_forward(&receipt.document_id)?;
+                let document = self.known_document(&receipt.document_id)?;
                 if document.from != recipient.as_str() {
                     return Err(HubError::invalid(
                         "recipient",
@@ -343,15 +326,6 @@ impl<T: Transport> Hub<T> {
         store.durable().await?;
         self.wake_publisher();
         Ok(())
-    }
-
-    fn known_document_for_forward(
-        &self,
-        document_id: &str,
-    ) -> Result<wire::StoredDocument, HubError> {
-        self.store().document(document_id)?.ok_or_else(|| {
-            HubError::NotFound(format!("document_id: {document_id} did not pass this hub"))
-        })
     }
 }
 

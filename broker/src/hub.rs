@@ -310,10 +310,9 @@ impl<T: Transport> Hub<T> {
             )));
         }
         for (index, recipient) in document.to.iter().enumerate() {
-            if self.route_in(&directory, recipient).is_none() {
+            if let Err(reason) = self.route_in(&directory, recipient) {
                 return Err(HubError::NotFound(format!(
-                    "document.to[{index}]: {}",
-                    self.unroutable(recipient)
+                    "document.to[{index}]: {reason}"
                 )));
             }
         }
@@ -555,9 +554,16 @@ impl<T: Transport> Hub<T> {
         inbound: Inbound<AckerOf<T>>,
     ) -> Result<Option<wire::Delivery>, HubError> {
         let store = &self.inner.store;
-        let message = match wire::QueuedMessage::decode(inbound.payload.as_slice()) {
-            Ok(message) if self.holds_for(caller, &message.recipient) => message,
-            Ok(message) => {
+        // The recipient is the caller, or, on a hub's stream, an agency routed through it.
+        let decoded = wire::QueuedMessage::decode(inbound.payload.as_slice()).map(|message| {
+            let recipient = message.recipient.parse::<AgencyCode>().ok();
+            (message, recipient)
+        });
+        let (message, recipient) = match decoded {
+            Ok((message, Some(recipient))) if self.holds_for(caller, &recipient) => {
+                (message, recipient)
+            }
+            Ok((message, _)) => {
                 tracing::error!(agency = %caller, recipient = %message.recipient, "misrouted message sent to the dead letters");
                 let _ = inbound.acker.dead_letter().await;
                 return Ok(None);
@@ -567,12 +573,6 @@ impl<T: Transport> Hub<T> {
                 let _ = inbound.acker.dead_letter().await;
                 return Ok(None);
             }
-        };
-        // `holds_for` accepted the code; a hub's stream carries messages for other agencies.
-        let Ok(recipient) = message.recipient.parse::<AgencyCode>() else {
-            tracing::error!(agency = %caller, recipient = %message.recipient, "message for an invalid recipient sent to the dead letters");
-            let _ = inbound.acker.dead_letter().await;
-            return Ok(None);
         };
         // A copy of a message this recipient acknowledged, or of one shown to it and not yet
         // settled (a republished duplicate), is settled at once and never shown: the shown one
@@ -916,7 +916,10 @@ impl<T: Transport> Hub<T> {
         metrics.document(DocumentEvent::Delivered, urgency, recipient.level());
     }
 
-    fn known_document(&self, document_id: &str) -> Result<wire::StoredDocument, HubError> {
+    pub(crate) fn known_document(
+        &self,
+        document_id: &str,
+    ) -> Result<wire::StoredDocument, HubError> {
         self.inner.store.document(document_id)?.ok_or_else(|| {
             HubError::NotFound(format!(
                 "document_id: {document_id} is not known to this hub"
