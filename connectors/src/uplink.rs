@@ -202,12 +202,7 @@ async fn forward_up<L: LocalHub>(
             Ok(_) => break None,
             Err(status) if is_final(&status) => {
                 tracing::warn!(message_id = %request.message_id, recipient = %request.recipient, code = ?status.code(), reason = status.message(), "uplink: the central hub refused a message for good");
-                break Some(format!(
-                    "refused by hub {}: {:?}: {}",
-                    link.central,
-                    status.code(),
-                    status.message()
-                ));
+                break Some(refusal(&link.central, &status));
             }
             Err(status) => {
                 tracing::debug!(message_id = %request.message_id, code = ?status.code(), reason = status.message(), "uplink: forwarding failed; retrying");
@@ -313,12 +308,7 @@ async fn take_down<L: LocalHub>(
             wire::AckRequest {
                 ack_token: delivery.ack_token,
                 undeliverable: true,
-                reason: format!(
-                    "refused by hub {}: {:?}: {}",
-                    link.identity,
-                    status.code(),
-                    status.message()
-                ),
+                reason: refusal(&link.identity, &status),
                 ..wire::AckRequest::default()
             }
         }
@@ -340,6 +330,15 @@ async fn take_down<L: LocalHub>(
         // The stream is gone: the central hub delivers the message again, and it is taken once.
         tracing::debug!(code = ?status.code(), reason = status.message(), "uplink: acknowledging to the central hub failed");
     }
+}
+
+/// The reason a final refusal by `hub` carries back to the sender, in its REJECTED receipt.
+fn refusal(hub: &str, status: &Status) -> String {
+    format!(
+        "refused by hub {hub}: {:?}: {}",
+        status.code(),
+        status.message()
+    )
 }
 
 fn forward_request(
