@@ -102,7 +102,6 @@ async fn run(receipts: usize) {
         "ledger_nodes",
         "ledger_checkpoints",
         "ledger_by_seq",
-        "ledger_by_document",
         "ledger_by_agency",
     ]
     .iter()

@@ -4,17 +4,21 @@
 //!
 //! Trees and their keys:
 //! - `ledger`: index BE → `LedgerRecord`; `ledger_pending`: receipt seq BE → () until appended;
-//! - `ledger_nodes`: `level u8 ‖ index BE` → 32-byte hash of that complete Merkle subtree;
+//! - `ledger_nodes`: `level u8 ‖ index BE` → 32-byte hash of that complete Merkle subtree, for
+//!   levels from [`LOWEST_STORED_LEVEL`] up; the smaller subtrees (at most 8 leaves) are
+//!   computed from their records when a proof or a restart needs them, which saves two writes
+//!   per receipt on the appender's path (leaves of archived records are kept, see below);
 //! - `ledger_checkpoints`: tree size BE → signed `Checkpoint`;
-//! - `ledger_by_seq`: receipt seq BE → index BE; `ledger_by_document`: `id 0x00 index BE` → ();
-//!   `ledger_by_agency`: `agency 0x00 at-ms BE index BE` → (), for the auditors' queries.
+//! - `ledger_by_seq`: receipt seq BE → index BE; `ledger_by_agency`: `agency 0x00 at-ms BE
+//!   index BE` → (), for the auditors' queries. Queries by document go through the store's
+//!   `receipts_by_document` (seq) and `ledger_by_seq`.
 //!
 //! - `ledger_meta`: `archived_before` → index BE, `archived_chain` → the chain hash of the last
 //!   archived record.
 //!
 //! Records are never deleted, but old ranges can be archived: written to a file in the export
 //! format (ending at a signed checkpoint), the file verified, then the range removed from the
-//! database. Merkle nodes stay, so roots and later checkpoints still verify from the database
+//! database. Merkle nodes stay, and the leaf hashes of the archived records are stored first, so roots and later checkpoints still verify from the database
 //! alone; the archived records verify from their file. The appender is the only writer of these trees, so the ledger
 //! order is the order it took receipts in; a checkpoint is signed only after the records it
 //! covers are flushed, so a crash can never leave a signature over records that were lost.
@@ -29,6 +33,9 @@ use std::time::{Duration, Instant};
 
 /// Receipts appended per transaction.
 const APPEND_BATCH: usize = 2048;
+/// The lowest level of Merkle subtrees written to `ledger_nodes` as the ledger grows; below it a
+/// node costs at most 8 record reads to compute.
+const LOWEST_STORED_LEVEL: u32 = 4;
 /// How often the appender looks for new receipts.
 const APPEND_TICK: Duration = Duration::from_millis(25);
 
@@ -56,7 +63,6 @@ pub(super) struct LedgerTrees {
     nodes: sled::Tree,
     checkpoints: sled::Tree,
     by_seq: sled::Tree,
-    by_document: sled::Tree,
     by_agency: sled::Tree,
     meta: sled::Tree,
     key: SigningKey,
@@ -96,7 +102,13 @@ impl LedgerTrees {
             }
             None => (0, ledger::GENESIS),
         };
-        let frontier = Frontier::restore(&StoredNodes(&nodes), size)?;
+        let frontier = Frontier::restore(
+            &StoredNodes {
+                nodes: &nodes,
+                records: &records,
+            },
+            size,
+        )?;
         let checkpointed = match checkpoints.last()? {
             Some((key, _)) => be_u64(&key)?,
             None => 0,
@@ -107,7 +119,6 @@ impl LedgerTrees {
             nodes,
             checkpoints,
             by_seq: db.open_tree("ledger_by_seq")?,
-            by_document: db.open_tree("ledger_by_document")?,
             by_agency: db.open_tree("ledger_by_agency")?,
             meta: db.open_tree("ledger_meta")?,
             key,
@@ -124,19 +135,43 @@ impl LedgerTrees {
     fn head(&self) -> std::sync::MutexGuard<'_, Head> {
         self.head.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn stored_nodes(&self) -> StoredNodes<'_> {
+        StoredNodes {
+            nodes: &self.nodes,
+            records: &self.records,
+        }
+    }
 }
 
-/// Complete Merkle subtrees kept in `ledger_nodes`.
-struct StoredNodes<'a>(&'a sled::Tree);
+/// Complete Merkle subtrees: kept in `ledger_nodes`, or, below [`LOWEST_STORED_LEVEL`],
+/// computed from the records (a leaf is the hash of its record).
+struct StoredNodes<'a> {
+    nodes: &'a sled::Tree,
+    records: &'a sled::Tree,
+}
 
 impl Nodes for StoredNodes<'_> {
     type Error = StoreError;
 
     fn node(&self, level: u32, index: u64) -> Result<Hash, StoreError> {
-        let value = self.0.get(node_key(level, index))?.ok_or_else(|| {
-            StoreError::Corrupt(format!("ledger node {level}/{index} is missing"))
-        })?;
-        to_hash(&value)
+        if let Some(value) = self.nodes.get(node_key(level, index))? {
+            return to_hash(&value);
+        }
+        let missing = || StoreError::Corrupt(format!("ledger node {level}/{index} is missing"));
+        if level >= LOWEST_STORED_LEVEL {
+            return Err(missing());
+        }
+        if level == 0 {
+            let value = self.records.get(index.to_be_bytes())?.ok_or_else(missing)?;
+            let record = wire::LedgerRecord::decode(&*value).map_err(corrupt("ledger"))?;
+            let receipt = record.receipt.as_ref().ok_or_else(missing)?;
+            return Ok(ledger::leaf_hash(index, receipt));
+        }
+        Ok(ledger::node_hash(
+            &self.node(level - 1, 2 * index)?,
+            &self.node(level - 1, 2 * index + 1)?,
+        ))
     }
 }
 
@@ -279,36 +314,31 @@ impl Store {
                 chain_hash: chain.to_vec(),
             });
         }
+        nodes.retain(|(level, _, _)| *level >= LOWEST_STORED_LEVEL);
         let result = (
             &ledger.records,
             &ledger.nodes,
             &ledger.by_seq,
-            &ledger.by_document,
             &ledger.by_agency,
             &ledger.pending,
         )
-            .transaction(
-                |(tx_records, tx_nodes, by_seq, by_document, by_agency, pending)| {
-                    for record in &records {
-                        let receipt = record.receipt.as_ref().expect("set above");
-                        let index = record.index.to_be_bytes();
-                        tx_records.insert(&index, record.encode_to_vec())?;
-                        by_seq.insert(&receipt.seq.to_be_bytes(), &index)?;
-                        let mut key = prefixed(&receipt.document_id);
-                        key.extend_from_slice(&index);
-                        by_document.insert(key, &[])?;
-                        let mut key = prefixed(&receipt.agency);
-                        key.extend_from_slice(&(receipt.at_unix_ms.max(0) as u64).to_be_bytes());
-                        key.extend_from_slice(&index);
-                        by_agency.insert(key, &[])?;
-                        pending.remove(&receipt.seq.to_be_bytes())?;
-                    }
-                    for (level, index, hash) in &nodes {
-                        tx_nodes.insert(&node_key(*level, *index), hash)?;
-                    }
-                    Ok(())
-                },
-            );
+            .transaction(|(tx_records, tx_nodes, by_seq, by_agency, pending)| {
+                for record in &records {
+                    let receipt = record.receipt.as_ref().expect("set above");
+                    let index = record.index.to_be_bytes();
+                    tx_records.insert(&index, record.encode_to_vec())?;
+                    by_seq.insert(&receipt.seq.to_be_bytes(), &index)?;
+                    let mut key = prefixed(&receipt.agency);
+                    key.extend_from_slice(&(receipt.at_unix_ms.max(0) as u64).to_be_bytes());
+                    key.extend_from_slice(&index);
+                    by_agency.insert(key, &[])?;
+                    pending.remove(&receipt.seq.to_be_bytes())?;
+                }
+                for (level, index, hash) in &nodes {
+                    tx_nodes.insert(&node_key(*level, *index), hash)?;
+                }
+                Ok(())
+            });
         unwrap_transaction(result)?;
         head.frontier = frontier;
         head.chain = chain;
@@ -415,24 +445,22 @@ impl Store {
         limit: usize,
     ) -> Result<(Vec<wire::LedgerRecord>, Option<Vec<u8>>), StoreError> {
         let ledger = self.ledger();
-        // The narrowest index: by document, else by agency (from the start of the time
-        // range), else the ledger itself.
-        let (tree, prefix, start): (&sled::Tree, Vec<u8>, Vec<u8>) =
-            match (&filter.document_id, &filter.agency) {
-                (Some(document), _) => {
-                    let prefix = prefixed(document);
-                    (&ledger.by_document, prefix.clone(), prefix)
-                }
-                (None, Some(agency)) => {
-                    let prefix = prefixed(agency);
-                    let mut start = prefix.clone();
-                    start.extend_from_slice(
-                        &(filter.from_unix_ms.unwrap_or(0).max(0) as u64).to_be_bytes(),
-                    );
-                    (&ledger.by_agency, prefix, start)
-                }
-                (None, None) => (&ledger.records, Vec::new(), Vec::new()),
-            };
+        if let Some(document) = &filter.document_id {
+            return self.document_ledger_records(document, filter, after, limit);
+        }
+        // The narrowest index: by agency (from the start of the time range), else the ledger
+        // itself.
+        let (tree, prefix, start): (&sled::Tree, Vec<u8>, Vec<u8>) = match &filter.agency {
+            Some(agency) => {
+                let prefix = prefixed(agency);
+                let mut start = prefix.clone();
+                start.extend_from_slice(
+                    &(filter.from_unix_ms.unwrap_or(0).max(0) as u64).to_be_bytes(),
+                );
+                (&ledger.by_agency, prefix, start)
+            }
+            None => (&ledger.records, Vec::new(), Vec::new()),
+        };
         let start = match after {
             Some(position) if position.starts_with(&prefix) && position >= start.as_slice() => {
                 position.to_vec()
@@ -460,11 +488,58 @@ impl Store {
                 StoreError::Corrupt(format!("ledger record {} has no receipt", record.index))
             })?;
             if filter.agency.is_some()
-                && filter.document_id.is_none()
                 && filter.to_unix_ms.is_some_and(|to| receipt.at_unix_ms >= to)
             {
                 break;
             }
+            if filter.matches(receipt) {
+                records.push(record);
+            }
+        }
+        Ok((records, None))
+    }
+
+    /// [`Store::ledger_records`] of one document: its receipts (`receipts_by_document`) that
+    /// are in the ledger, in ledger order. The position is `id 0x00 index BE`.
+    fn document_ledger_records(
+        &self,
+        document: &str,
+        filter: &ReceiptFilter,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<(Vec<wire::LedgerRecord>, Option<Vec<u8>>), StoreError> {
+        let prefix = prefixed(document);
+        let mut indexes = Vec::new();
+        for item in self.inner.receipts_by_document.scan_prefix(&prefix) {
+            let (key, _) = item?;
+            let seq = be_u64(&key[prefix.len()..])?;
+            // A receipt not yet appended, or archived, has no index.
+            if let Some(index) = self.ledger_index_of(seq)? {
+                indexes.push(index);
+            }
+        }
+        indexes.sort_unstable();
+        let resume_at = match after {
+            Some(position)
+                if position.len() == prefix.len() + 8 && position.starts_with(&prefix) =>
+            {
+                be_u64(&position[prefix.len()..])?
+            }
+            _ => 0,
+        };
+        let mut records = Vec::new();
+        for index in indexes.into_iter().filter(|index| *index >= resume_at) {
+            if records.len() == limit {
+                let mut position = prefix;
+                position.extend_from_slice(&index.to_be_bytes());
+                return Ok((records, Some(position)));
+            }
+            let record = self.ledger_record(index)?.ok_or_else(|| {
+                StoreError::Corrupt(format!("a ledger index names missing record {index}"))
+            })?;
+            let receipt = record.receipt.as_ref().ok_or_else(|| {
+                StoreError::Corrupt(format!("ledger record {} has no receipt", record.index))
+            })?;
             if filter.matches(receipt) {
                 records.push(record);
             }
@@ -486,11 +561,8 @@ impl Store {
         if checkpoint.tree_size <= index {
             return Ok(None);
         }
-        let proof = ledger::inclusion_proof(
-            &StoredNodes(&self.ledger().nodes),
-            index,
-            checkpoint.tree_size,
-        )?;
+        let proof =
+            ledger::inclusion_proof(&self.ledger().stored_nodes(), index, checkpoint.tree_size)?;
         Ok(Some((record, proof, checkpoint)))
     }
 
@@ -607,8 +679,20 @@ impl Store {
                 )));
             }
         }
-        // The mark first (durably): a crash before the removals leaves records that reads
-        // below the mark ignore, and the next archive does not write them again.
+        // The leaf hashes of the records about to go, which the Merkle nodes below
+        // `LOWEST_STORED_LEVEL` are computed from; then the mark (durably): a crash before the
+        // removals leaves records that reads below the mark ignore, and the next archive does
+        // not write them again.
+        for index in from..to {
+            let record = self
+                .ledger_record(index)?
+                .ok_or_else(|| StoreError::Corrupt(format!("ledger record {index} is missing")))?;
+            if let Some(receipt) = &record.receipt {
+                ledger
+                    .nodes
+                    .insert(node_key(0, index), &ledger::leaf_hash(index, receipt))?;
+            }
+        }
         let last_chain = self.chain_before(to)?;
         ledger.meta.insert(ARCHIVED_CHAIN, last_chain.to_vec())?;
         ledger.meta.insert(ARCHIVED_BEFORE, &to.to_be_bytes())?;
@@ -618,9 +702,6 @@ impl Store {
                 continue;
             };
             if let Some(receipt) = &record.receipt {
-                let mut key = prefixed(&receipt.document_id);
-                key.extend_from_slice(&index.to_be_bytes());
-                ledger.by_document.remove(key)?;
                 let mut key = prefixed(&receipt.agency);
                 key.extend_from_slice(&(receipt.at_unix_ms.max(0) as u64).to_be_bytes());
                 key.extend_from_slice(&index.to_be_bytes());
@@ -647,7 +728,7 @@ impl Store {
         let checkpoints = self.ledger_checkpoints(from, to)?;
         let mut checkpoints = checkpoints.iter().peekable();
         let public_key = self.ledger_public_key();
-        let mut frontier = Some(Frontier::restore(&StoredNodes(&self.ledger().nodes), from)?);
+        let mut frontier = Some(Frontier::restore(&self.ledger().stored_nodes(), from)?);
         let mut verification = Verification {
             records_checked: 0,
             checkpoints_checked: 0,
@@ -717,5 +798,120 @@ impl Store {
             verification.problem = Some((missing, "the record is missing".into()));
         }
         Ok(verification)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agency::AgencyCode;
+    use crate::receipt::ReceiptKind;
+    use crate::store::ReceiptDetail;
+
+    async fn write_receipts(store: &Store, from: usize, to: usize) {
+        for n in from..to {
+            let seq = store.inner.db.generate_id().expect("seq");
+            store
+                .append_receipt(
+                    seq,
+                    &format!("doc-{}", n % 3),
+                    "000.21.31.H53",
+                    ReceiptKind::Accepted,
+                    1_000 + n as i64,
+                    ReceiptDetail::default(),
+                )
+                .expect("receipt");
+        }
+        // The store's own appender moves them into the ledger.
+        while store.ledger_pending() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn assert_every_proof_verifies(store: &Store, indexes: std::ops::Range<u64>) {
+        for index in indexes {
+            let (record, proof, checkpoint) = store
+                .ledger_proof(index)
+                .expect("proof")
+                .unwrap_or_else(|| panic!("no proof of record {index}"));
+            let leaf = ledger::leaf_hash(index, record.receipt.as_ref().expect("receipt"));
+            let root = ledger::root_from_proof(index, checkpoint.tree_size, &leaf, &proof);
+            assert_eq!(
+                root.map(|r| r.to_vec()),
+                Some(checkpoint.root_hash.clone()),
+                "the proof of record {index} against checkpoint {}",
+                checkpoint.tree_size
+            );
+        }
+    }
+
+    /// Subtrees under 16 leaves are not stored but computed: proofs still reach the signed
+    /// root, before and after an archive that ends inside such a subtree and after a reopen;
+    /// queries by document still page through the ledger in order.
+    #[tokio::test]
+    async fn small_subtrees_are_computed_for_proofs_archives_and_restarts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hub: AgencyCode = "000.00.00.H53".parse().expect("code");
+        let policy = CheckpointPolicy {
+            every: 1_000,
+            interval: Duration::from_secs(3_600),
+        };
+        let store = Store::open_with(dir.path(), &hub, policy, 1 << 20).expect("open");
+        write_receipts(&store, 0, 13).await;
+        store.checkpoint().await.expect("checkpoint at 13");
+        write_receipts(&store, 13, 45).await;
+        store.checkpoint().await.expect("checkpoint at 45");
+
+        for item in store.ledger().nodes.iter() {
+            let (key, _) = item.expect("node");
+            assert!(
+                u32::from(key[0]) >= LOWEST_STORED_LEVEL,
+                "node at level {} stored",
+                key[0]
+            );
+        }
+        assert_every_proof_verifies(&store, 0..45);
+
+        let of_doc_1 = ReceiptFilter {
+            document_id: Some("doc-1".into()),
+            ..ReceiptFilter::default()
+        };
+        let (first, next) = store.ledger_records(&of_doc_1, None, 10).expect("page 1");
+        let (second, last) = store
+            .ledger_records(&of_doc_1, next.as_deref(), 10)
+            .expect("page 2");
+        assert_eq!((first.len(), second.len(), last), (10, 5, None));
+        let indexes: Vec<u64> = first.iter().chain(&second).map(|r| r.index).collect();
+        assert_eq!(indexes, (1..45).step_by(3).collect::<Vec<u64>>());
+
+        let archive = store
+            .archive_ledger(13, &dir.path().join("archive"))
+            .expect("archive");
+        assert_eq!((archive.from, archive.to), (0, 13));
+        assert_every_proof_verifies(&store, 13..45);
+        assert_eq!(store.verify_ledger(0, 45).expect("verify").problem, None);
+        let (after_archive, _) = store.ledger_records(&of_doc_1, None, 100).expect("query");
+        assert_eq!(after_archive.first().map(|r| r.index), Some(13));
+
+        store.durable().await.expect("flush");
+        drop(store);
+        // The store's background tasks let go of the database once they are polled again.
+        let mut reopened = Store::open_with(dir.path(), &hub, policy, 1 << 20);
+        for _ in 0..100 {
+            if reopened.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            reopened = Store::open_with(dir.path(), &hub, policy, 1 << 20);
+        }
+        let store = reopened.expect("reopen");
+        write_receipts(&store, 45, 50).await;
+        store.checkpoint().await.expect("checkpoint at 50");
+        assert_every_proof_verifies(&store, 13..50);
+        let verification = store.verify_ledger(0, 50).expect("verify");
+        assert_eq!(
+            (verification.problem, verification.records_checked),
+            (None, 37)
+        );
     }
 }
