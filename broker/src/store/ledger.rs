@@ -18,10 +18,11 @@
 //!
 //! Records are never deleted, but old ranges can be archived: written to a file in the export
 //! format (ending at a signed checkpoint), the file verified, then the range removed from the
-//! database. Merkle nodes stay, and the leaf hashes of the archived records are stored first, so roots and later checkpoints still verify from the database
-//! alone; the archived records verify from their file. The appender is the only writer of these trees, so the ledger
-//! order is the order it took receipts in; a checkpoint is signed only after the records it
-//! covers are flushed, so a crash can never leave a signature over records that were lost.
+//! database. Merkle nodes stay, and the leaf hashes of the archived records are stored first,
+//! so roots and later checkpoints still verify from the database alone; the archived records
+//! verify from their file. The appender is the only writer of these trees, so the ledger order
+//! is the order it took receipts in; a checkpoint is signed only after the records it covers
+//! are flushed, so a crash can never leave a signature over records that were lost.
 
 use super::{Store, StoreError, StoreInner, corrupt, unwrap_transaction};
 use crate::ledger::{self, Frontier, Hash, Nodes, SigningKey};
