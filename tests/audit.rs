@@ -7,7 +7,6 @@ mod support;
 use lienthong::ledger::{self, export};
 use lienthong_proto::v1 as wire;
 use std::path::Path;
-use std::time::Duration;
 use support::*;
 use tonic::Code;
 
@@ -37,39 +36,6 @@ async fn audit_client(hub: &TestHub, identity: &str) -> lienthong::client::Audit
     lienthong::client::connect_audit(&hub.endpoint, identity)
         .await
         .expect("connect to Audit")
-}
-
-/// Waits until every receipt written so far is in the ledger and covered by a checkpoint, and
-/// nothing more arrives for a moment.
-async fn settled_ledger(hub: &TestHub) -> wire::GetLedgerInfoResponse {
-    let audit = audit_client(hub, AUDITOR).await;
-    let info = || {
-        let mut audit = audit.clone();
-        async move {
-            audit
-                .get_ledger_info(wire::GetLedgerInfoRequest {})
-                .await
-                .expect("ledger info")
-                .into_inner()
-        }
-    };
-    let covered = |info: &wire::GetLedgerInfoResponse| {
-        info.checkpoint
-            .as_ref()
-            .is_some_and(|c| c.tree_size == info.size)
-    };
-    eventually(
-        "the ledger is checkpointed and quiet",
-        Duration::from_secs(10),
-        || async {
-            let first = info().await;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let second = info().await;
-            covered(&first) && covered(&second) && first.size == second.size
-        },
-    )
-    .await;
-    info().await
 }
 
 fn lines_of(path: &Path) -> Vec<String> {
@@ -103,7 +69,7 @@ async fn every_way_of_tampering_with_an_export_is_found_where_it_happened() {
     };
     let hub = TestHub::start("ledger-export", options).await;
     exchange_some_documents(&hub, 6).await;
-    let info = settled_ledger(&hub).await;
+    let info = settled_ledger(&hub.endpoint).await;
     assert!(info.size >= 24, "4 receipts per document: {}", info.size);
 
     let dir = tempfile::tempdir().expect("dir");
@@ -259,7 +225,7 @@ async fn every_way_of_tampering_with_an_export_is_found_where_it_happened() {
 async fn a_proof_verifies_offline_and_a_wrong_one_fails() {
     let hub = TestHub::start("ledger-proof", HubOptions::new(TransportKind::Embedded)).await;
     let ids = exchange_some_documents(&hub, 3).await;
-    let info = settled_ledger(&hub).await;
+    let info = settled_ledger(&hub.endpoint).await;
     let mut commune = hub.client(COMMUNE).await;
     let acknowledged = track(&mut commune, &ids[1]).await.recipients[0]
         .receipts
@@ -329,7 +295,7 @@ async fn a_proof_verifies_offline_and_a_wrong_one_fails() {
 async fn the_audit_service_answers_auditors_and_parties_only() {
     let hub = TestHub::start("ledger-access", HubOptions::new(TransportKind::Embedded)).await;
     let ids = exchange_some_documents(&hub, 2).await;
-    settled_ledger(&hub).await;
+    settled_ledger(&hub.endpoint).await;
     let mut auditor = audit_client(&hub, AUDITOR).await;
     let all = auditor
         .list_receipts(wire::ListReceiptsRequest {
@@ -432,11 +398,11 @@ async fn the_audit_service_answers_auditors_and_parties_only() {
 async fn the_ledger_continues_intact_after_a_restart() {
     let hub = TestHub::start("ledger-restart", HubOptions::new(TransportKind::Embedded)).await;
     exchange_some_documents(&hub, 2).await;
-    let before = settled_ledger(&hub).await;
+    let before = settled_ledger(&hub.endpoint).await;
     let files = hub.stop().await;
     let hub = TestHub::start_with(files, HubOptions::new(TransportKind::Embedded)).await;
     exchange_some_documents(&hub, 2).await;
-    let after = settled_ledger(&hub).await;
+    let after = settled_ledger(&hub.endpoint).await;
     assert_eq!(
         after.public_key, before.public_key,
         "the key is kept in the data directory"
@@ -493,7 +459,7 @@ async fn recalls_and_revocations_are_visible_on_the_original() {
     assert_eq!(reference.business_type(), wire::BusinessType::Revoke);
     assert_eq!(reference.from, COMMUNE);
 
-    settled_ledger(&hub).await;
+    settled_ledger(&hub.endpoint).await;
     let statuses = audit_client(&hub, AUDITOR)
         .await
         .list_receipts(wire::ListReceiptsRequest {
@@ -530,7 +496,7 @@ async fn an_archived_range_verifies_from_its_file_and_the_rest_from_the_hub() {
     };
     let hub = TestHub::start("ledger-archive", options).await;
     exchange_some_documents(&hub, 5).await;
-    let info = settled_ledger(&hub).await;
+    let info = settled_ledger(&hub.endpoint).await;
     assert!(info.size >= 20, "{}", info.size);
     let key = hex::encode(&info.public_key);
 
@@ -603,7 +569,7 @@ async fn an_archived_range_verifies_from_its_file_and_the_rest_from_the_hub() {
     );
 
     exchange_some_documents(&hub, 2).await;
-    let after = settled_ledger(&hub).await;
+    let after = settled_ledger(&hub.endpoint).await;
     assert_eq!(after.archived_before, 8);
     let check = auditor
         .verify_ledger(wire::VerifyLedgerRequest::default())

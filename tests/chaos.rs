@@ -29,6 +29,8 @@ mod faults {
         backlog: usize,
         senders: usize,
         kills: usize,
+        /// Between the kills of `hub-sigkill`: short enough that they fall inside the load.
+        kill_interval: Duration,
     }
 
     fn scale() -> Scale {
@@ -38,12 +40,14 @@ mod faults {
                 backlog: 200_000,
                 senders: 32,
                 kills: 5,
+                kill_interval: Duration::from_millis(700),
             },
             _ => Scale {
                 documents: 300,
                 backlog: 2_000,
                 senders: 8,
                 kills: 3,
+                kill_interval: Duration::from_millis(150),
             },
         }
     }
@@ -512,7 +516,7 @@ mod faults {
             RecipientBehaviour::default(),
         );
         for _ in 0..scale().kills {
-            tokio::time::sleep(Duration::from_millis(700)).await;
+            tokio::time::sleep(scale().kill_interval).await;
             let Scenario {
                 files,
                 options,
@@ -522,7 +526,41 @@ mod faults {
             hub.restart(files, options).await;
         }
         wait_for(load).await;
+        let accepted = scenario.shared.tally().accepted.len() as u64;
+        assert_ledger_survived("hub-sigkill", &scenario.endpoint, accepted).await;
         scenario.finish("hub-sigkill", 0).await;
+    }
+
+    /// The receipt ledger after the kills: it holds at least the four receipts of every
+    /// accepted document (ACCEPTED, ENQUEUED, DELIVERED, ACKNOWLEDGED), every record chains,
+    /// and every checkpoint, including those signed after a restart from a Merkle frontier
+    /// rebuilt partly from records, matches its root and signature.
+    async fn assert_ledger_survived(name: &str, endpoint: &str, accepted: u64) {
+        let info = settled_ledger(endpoint).await;
+        let verified = lienthong::client::connect_audit(endpoint, AUDITOR)
+            .await
+            .expect("connect to Audit")
+            .verify_ledger(wire::VerifyLedgerRequest::default())
+            .await
+            .expect("verify the ledger")
+            .into_inner();
+        println!(
+            "scenario {name}: ledger of {} records verified, {} checkpoints, {}",
+            verified.records_checked,
+            verified.checkpoints_checked,
+            if verified.ok {
+                "intact"
+            } else {
+                verified.problem.as_str()
+            }
+        );
+        assert!(verified.ok, "{verified:?}");
+        assert_eq!(verified.records_checked, info.size);
+        assert!(
+            info.size >= 4 * accepted,
+            "{} records for {accepted} accepted documents",
+            info.size
+        );
     }
 
     #[tokio::test]

@@ -463,6 +463,41 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Waits until every receipt written so far is in the ledger of the hub at `endpoint` and
+/// covered by a checkpoint, and nothing more arrives for a moment; returns the ledger's info.
+pub async fn settled_ledger(endpoint: &str) -> wire::GetLedgerInfoResponse {
+    let audit = lienthong::client::connect_audit(endpoint, AUDITOR)
+        .await
+        .expect("connect to Audit");
+    let info = || {
+        let mut audit = audit.clone();
+        async move {
+            audit
+                .get_ledger_info(wire::GetLedgerInfoRequest {})
+                .await
+                .expect("ledger info")
+                .into_inner()
+        }
+    };
+    let covered = |info: &wire::GetLedgerInfoResponse| {
+        info.checkpoint
+            .as_ref()
+            .is_some_and(|c| c.tree_size == info.size)
+    };
+    eventually(
+        "the ledger is checkpointed and quiet",
+        Duration::from_secs(30),
+        || async {
+            let first = info().await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let second = info().await;
+            covered(&first) && covered(&second) && first.size == second.size
+        },
+    )
+    .await;
+    info().await
+}
+
 /// Polls `condition` until it holds, failing the test after `deadline`.
 pub async fn eventually<F, Fut>(what: &str, deadline: Duration, mut condition: F)
 where
