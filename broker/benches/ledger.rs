@@ -60,7 +60,7 @@ async fn run(receipts: usize) {
     }
     store.durable().await.expect("flush");
     let written = started.elapsed();
-    while store.ledger_pending() > 0 {
+    while store.ledger_has_pending().expect("read the receipts") {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     store.checkpoint().await.expect("checkpoint");

@@ -56,8 +56,9 @@ impl Store {
         let inner = &*self.inner;
         let stored = stored_document(document, now_unix_ms);
         let body = document.wire.encode_to_vec();
+        let receipt_seqs = self.reserve_receipt_seqs(1)?;
         let accepted = self.new_receipt(
-            inner.db.generate_id()?,
+            receipt_seqs[0],
             &document.id,
             recipient.as_str(),
             ReceiptKind::Accepted,
@@ -82,7 +83,6 @@ impl Store {
                 &inner.outbox,
                 &inner.receipts,
                 &inner.receipts_by_document,
-                &inner.ledger_pending,
                 &inner.waiting,
                 &inner.arrivals,
             )
@@ -94,7 +94,6 @@ impl Store {
                         outbox,
                         receipts,
                         by_document,
-                        pending,
                         waiting_tree,
                         arrivals,
                     )| {
@@ -128,7 +127,7 @@ impl Store {
                         refs.insert(document.id.as_bytes(), &(references + 1).to_be_bytes())?;
                         outbox.insert(&entry_key, entry.as_slice())?;
                         waiting_tree.insert(waiting.as_slice(), &[])?;
-                        insert_receipt(receipts, by_document, pending, &accepted)?;
+                        insert_receipt(receipts, by_document, &accepted)?;
                         Ok(None)
                     },
                 );
@@ -158,21 +157,21 @@ impl Store {
         receipt: &wire::Receipt,
     ) -> Result<bool, StoreError> {
         let inner = &*self.inner;
+        let receipt_seqs = self.reserve_receipt_seqs(1)?;
         let kept = wire::Receipt {
-            seq: inner.db.generate_id()?,
+            seq: receipt_seqs[0],
             ..receipt.clone()
         };
         let result = (
             &inner.arrivals,
             &inner.receipts,
             &inner.receipts_by_document,
-            &inner.ledger_pending,
         )
-            .transaction(|(arrivals, receipts, by_document, pending)| {
+            .transaction(|(arrivals, receipts, by_document)| {
                 if arrivals.insert(arrival, &[])?.is_some() {
                     return Ok(false);
                 }
-                insert_receipt(receipts, by_document, pending, &kept)?;
+                insert_receipt(receipts, by_document, &kept)?;
                 Ok(true)
             });
         unwrap_transaction(result)

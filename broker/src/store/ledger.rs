@@ -1,9 +1,10 @@
-//! The receipt ledger in sled: one appender moves every new receipt (from `ledger_pending`,
-//! written in the receipt's own transaction) to the next ledger index with its chain hash and
-//! Merkle nodes, and signs checkpoints; queries, proofs, verification and export read it.
+//! The receipt ledger in sled: one appender moves every new receipt (following the store's
+//! `receipts` tree in sequence order, up to the first number whose transaction may still commit,
+//! see `ReceiptSeqs`) to the next ledger index with its chain hash and Merkle nodes, and signs
+//! checkpoints; queries, proofs, verification and export read it.
 //!
 //! Trees and their keys:
-//! - `ledger`: index BE → `LedgerRecord`; `ledger_pending`: receipt seq BE → () until appended;
+//! - `ledger`: index BE → `LedgerRecord`;
 //! - `ledger_nodes`: `level u8 ‖ index BE` → 32-byte hash of that complete Merkle subtree, for
 //!   levels from [`LOWEST_STORED_LEVEL`] up; the smaller subtrees (at most 8 leaves) are
 //!   computed from their records when a proof or a restart needs them, which saves two writes
@@ -13,8 +14,13 @@
 //!   index BE` → (), for the auditors' queries. Queries by document go through the store's
 //!   `receipts_by_document` (seq) and `ledger_by_seq`.
 //!
-//! - `ledger_meta`: `archived_before` → index BE, `archived_chain` → the chain hash of the last
-//!   archived record.
+//! - `ledger_meta`: `append_from` → the sequence number of the next receipt to append (BE),
+//!   written with each batch; `archived_before` → index BE, `archived_chain` → the chain hash
+//!   of the last archived record.
+//!
+//! A database written before `append_from` existed kept a `ledger_pending` tree (receipt seq →
+//! () until appended): at open the appender starts from its first entry, or after the last
+//! appended receipt, and skips receipts that `ledger_by_seq` already holds up to that one.
 //!
 //! Records are never deleted, but old ranges can be archived: written to a file in the export
 //! format (ending at a signed checkpoint), the file verified, then the range removed from the
@@ -60,7 +66,6 @@ impl Default for CheckpointPolicy {
 #[derive(Debug)]
 pub(super) struct LedgerTrees {
     records: sled::Tree,
-    pending: sled::Tree,
     nodes: sled::Tree,
     checkpoints: sled::Tree,
     by_seq: sled::Tree,
@@ -79,6 +84,11 @@ struct Head {
     checkpointed: u64,
     /// When the first record after the last checkpoint was appended.
     uncovered_since: Option<Instant>,
+    /// The sequence number of the next receipt to append (`append_from` in `ledger_meta`).
+    append_from: u64,
+    /// Receipts numbered below this may be in the ledger already (a database from before
+    /// `append_from`): the appender skips those that `ledger_by_seq` holds.
+    recheck_before: u64,
 }
 
 impl LedgerTrees {
@@ -114,14 +124,34 @@ impl LedgerTrees {
             Some((key, _)) => be_u64(&key)?,
             None => 0,
         };
+        let by_seq = db.open_tree("ledger_by_seq")?;
+        let meta = db.open_tree("ledger_meta")?;
+        let (append_from, recheck_before) = match meta.get(APPEND_FROM)? {
+            Some(value) => (be_u64(&value)?, 0),
+            None => {
+                let appended_end = match by_seq.last()? {
+                    Some((seq, _)) => be_u64(&seq)? + 1,
+                    None => 0,
+                };
+                let legacy_pending = if db.tree_names().iter().any(|n| &**n == b"ledger_pending") {
+                    db.open_tree("ledger_pending")?.first()?
+                } else {
+                    None
+                };
+                let first_pending = match legacy_pending {
+                    Some((seq, _)) => be_u64(&seq)?,
+                    None => appended_end,
+                };
+                (first_pending.min(appended_end), appended_end)
+            }
+        };
         Ok(LedgerTrees {
             records,
-            pending: db.open_tree("ledger_pending")?,
             nodes,
             checkpoints,
-            by_seq: db.open_tree("ledger_by_seq")?,
+            by_seq,
             by_agency: db.open_tree("ledger_by_agency")?,
-            meta: db.open_tree("ledger_meta")?,
+            meta,
             key,
             policy,
             head: Mutex::new(Head {
@@ -129,6 +159,8 @@ impl LedgerTrees {
                 chain,
                 checkpointed,
                 uncovered_since: (size > checkpointed).then(Instant::now),
+                append_from,
+                recheck_before,
             }),
         })
     }
@@ -258,6 +290,7 @@ pub struct Archive {
     pub checkpoints: u64,
 }
 
+const APPEND_FROM: &[u8] = b"append_from";
 const ARCHIVED_BEFORE: &[u8] = b"archived_before";
 const ARCHIVED_CHAIN: &[u8] = b"archived_chain";
 
@@ -275,36 +308,44 @@ impl Store {
         &self.inner.ledger
     }
 
-    /// Moves up to one batch of pending receipts into the ledger; returns how many.
+    /// Moves up to one batch of new receipts into the ledger; returns how many it took.
     pub fn append_pending(&self) -> Result<usize, StoreError> {
         let ledger = self.ledger();
-        let until_checkpoint = {
-            let head = ledger.head();
-            ledger.policy.every - (head.frontier.size() - head.checkpointed) % ledger.policy.every
-        };
-        let batch = APPEND_BATCH.min(usize::try_from(until_checkpoint).unwrap_or(APPEND_BATCH));
-        let mut seqs = Vec::new();
-        for item in ledger.pending.iter().take(batch) {
-            seqs.push(item?.0);
-        }
-        if seqs.is_empty() {
+        // Read before the receipts: every receipt numbered below it has committed or never will.
+        let settled_before = self.inner.receipt_seqs.settled_before();
+        let mut head = ledger.head();
+        if head.append_from >= settled_before {
             return Ok(0);
         }
-        let mut head = ledger.head();
+        let until_checkpoint =
+            ledger.policy.every - (head.frontier.size() - head.checkpointed) % ledger.policy.every;
+        let batch = APPEND_BATCH.min(usize::try_from(until_checkpoint).unwrap_or(APPEND_BATCH));
+        let mut taken = 0;
+        let mut next = head.append_from;
+        let mut receipts = Vec::with_capacity(batch);
+        for item in self
+            .inner
+            .receipts
+            .range(head.append_from.to_be_bytes()..settled_before.to_be_bytes())
+            .take(batch)
+        {
+            let (key, value) = item?;
+            taken += 1;
+            let seq = be_u64(&key)?;
+            next = seq + 1;
+            if seq < head.recheck_before && ledger.by_seq.contains_key(&key)? {
+                continue;
+            }
+            receipts.push(wire::Receipt::decode(&*value).map_err(corrupt("receipts"))?);
+        }
+        if taken == 0 {
+            return Ok(0);
+        }
         let mut frontier = head.frontier.clone();
         let mut chain = head.chain;
-        let mut records = Vec::with_capacity(seqs.len());
-        let mut nodes = Vec::with_capacity(seqs.len() * 2);
-        for seq in &seqs {
-            let receipt = match self.inner.receipts.get(seq)? {
-                Some(bytes) => wire::Receipt::decode(&*bytes).map_err(corrupt("receipts"))?,
-                None => {
-                    return Err(StoreError::Corrupt(format!(
-                        "pending ledger entry names receipt #{} which is missing",
-                        be_u64(seq)?
-                    )));
-                }
-            };
+        let mut records = Vec::with_capacity(receipts.len());
+        let mut nodes = Vec::with_capacity(receipts.len() * 2);
+        for receipt in receipts {
             let index = frontier.size();
             let leaf = ledger::leaf_hash(index, &receipt);
             chain = ledger::chain_hash(&chain, &leaf);
@@ -321,9 +362,9 @@ impl Store {
             &ledger.nodes,
             &ledger.by_seq,
             &ledger.by_agency,
-            &ledger.pending,
+            &ledger.meta,
         )
-            .transaction(|(tx_records, tx_nodes, by_seq, by_agency, pending)| {
+            .transaction(|(tx_records, tx_nodes, by_seq, by_agency, meta)| {
                 for record in &records {
                     let receipt = record.receipt.as_ref().expect("set above");
                     let index = record.index.to_be_bytes();
@@ -333,18 +374,21 @@ impl Store {
                     key.extend_from_slice(&(receipt.at_unix_ms.max(0) as u64).to_be_bytes());
                     key.extend_from_slice(&index);
                     by_agency.insert(key, &[])?;
-                    pending.remove(&receipt.seq.to_be_bytes())?;
                 }
                 for (level, index, hash) in &nodes {
                     tx_nodes.insert(&node_key(*level, *index), hash)?;
                 }
+                meta.insert(APPEND_FROM, &next.to_be_bytes())?;
                 Ok(())
             });
         unwrap_transaction(result)?;
         head.frontier = frontier;
         head.chain = chain;
-        head.uncovered_since.get_or_insert_with(Instant::now);
-        Ok(records.len())
+        head.append_from = next;
+        if !records.is_empty() {
+            head.uncovered_since.get_or_insert_with(Instant::now);
+        }
+        Ok(taken)
     }
 
     /// Signs a checkpoint when the policy says so; returns it if one was made.
@@ -407,9 +451,16 @@ impl Store {
         self.ledger().head().frontier.size()
     }
 
-    /// Receipts written and not yet in the ledger.
-    pub fn ledger_pending(&self) -> u64 {
-        self.ledger().pending.len() as u64
+    /// Whether some receipt written is not yet in the ledger.
+    pub fn ledger_has_pending(&self) -> Result<bool, StoreError> {
+        let append_from = self.ledger().head().append_from;
+        Ok(self
+            .inner
+            .receipts
+            .range(append_from.to_be_bytes()..)
+            .next()
+            .transpose()?
+            .is_some())
     }
 
     pub fn newest_checkpoint(&self) -> Result<Option<wire::Checkpoint>, StoreError> {
@@ -811,10 +862,8 @@ mod tests {
 
     async fn write_receipts(store: &Store, from: usize, to: usize) {
         for n in from..to {
-            let seq = store.inner.db.generate_id().expect("seq");
             store
                 .append_receipt(
-                    seq,
                     &format!("doc-{}", n % 3),
                     "000.21.31.H53",
                     ReceiptKind::Accepted,
@@ -823,8 +872,12 @@ mod tests {
                 )
                 .expect("receipt");
         }
-        // The store's own appender moves them into the ledger.
-        while store.ledger_pending() > 0 {
+        wait_until_appended(store).await;
+    }
+
+    /// The store's own appender moves receipts into the ledger.
+    async fn wait_until_appended(store: &Store) {
+        while store.ledger_has_pending().expect("read the receipts") {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -914,5 +967,57 @@ mod tests {
             (verification.problem, verification.records_checked),
             (None, 37)
         );
+    }
+
+    /// A receipt whose transaction commits after receipts numbered above it is appended in its
+    /// turn: the appender stops below the first sequence number still open.
+    #[tokio::test]
+    async fn a_receipt_committed_late_is_appended_in_its_turn() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hub: AgencyCode = "000.00.00.H53".parse().expect("code");
+        let store = Store::open(dir.path(), &hub).expect("open");
+        let late = store.reserve_receipt_seqs(1).expect("seq");
+        for n in 0..20 {
+            store
+                .append_receipt(
+                    &format!("doc-{n}"),
+                    "000.21.31.H53",
+                    ReceiptKind::Accepted,
+                    1_000 + n,
+                    ReceiptDetail::default(),
+                )
+                .expect("receipt");
+        }
+        // Several appender ticks: the receipts after the open number wait.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            store.ledger_size(),
+            0,
+            "appended past an open sequence number"
+        );
+
+        let receipt = store.new_receipt(
+            late[0],
+            "doc-late",
+            "000.21.31.H53",
+            ReceiptKind::Accepted,
+            999,
+            ReceiptDetail::default(),
+        );
+        let inner = &store.inner;
+        let result = (&inner.receipts, &inner.receipts_by_document).transaction(
+            |(receipts, by_document)| crate::store::insert_receipt(receipts, by_document, &receipt),
+        );
+        unwrap_transaction(result).expect("the late receipt");
+        drop(late);
+        wait_until_appended(&store).await;
+        assert_eq!(store.ledger_size(), 21);
+        let first = store.ledger_record(0).expect("read").expect("record 0");
+        assert_eq!(
+            first.receipt.map(|r| r.document_id).as_deref(),
+            Some("doc-late")
+        );
+        store.checkpoint().await.expect("checkpoint");
+        assert_eq!(store.verify_ledger(0, 21).expect("verify").problem, None);
     }
 }

@@ -83,7 +83,7 @@ pub enum Acceptance {
 }
 
 /// One message of the outbox, ready to publish.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct PendingPublish {
     key: sled::IVec,
     pub message_id: String,
@@ -96,9 +96,10 @@ pub struct PendingPublish {
     document_id: Option<String>,
     /// Whether publishing releases one reference to the document's stored body.
     holds_body: bool,
-    /// The sequence number of the ENQUEUED receipt, taken before publishing so that it orders
-    /// before the DELIVERED receipt of a consumer that is faster than the publisher confirm.
-    enqueued_seq: u64,
+    /// The sequence number of the ENQUEUED receipt (documents only), taken before publishing so
+    /// that it orders before the DELIVERED receipt of a consumer that is faster than the
+    /// publisher confirm; held until the confirm is recorded or the publish abandoned.
+    enqueued_seq: ReservedSeqs,
 }
 
 /// How a message was settled for good.
@@ -147,8 +148,8 @@ struct StoreInner {
     references: sled::Tree,
     arrivals: sled::Tree,
     relay: sled::Tree,
-    /// Receipts not yet in the ledger (see [`ledger`]), written with each receipt.
-    ledger_pending: sled::Tree,
+    /// Receipt sequence numbers handed out, and those whose transactions may still commit.
+    receipt_seqs: Arc<ReceiptSeqs>,
     ledger: ledger::LedgerTrees,
     outbox_len: AtomicU64,
     group_commit: Arc<GroupCommit>,
@@ -195,6 +196,10 @@ impl Store {
         let receipts = tree("receipts")?;
         let watermark = Watermark::new(data_dir);
         let found = last_seq(&receipts)?;
+        let receipts_end = match receipts.last()? {
+            Some(_) => found + 1,
+            None => 0,
+        };
         if let Some(durable) = watermark.read()
             && found < durable
         {
@@ -230,7 +235,7 @@ impl Store {
                 references: tree("references")?,
                 arrivals: tree("arrivals")?,
                 relay: tree("relay")?,
-                ledger_pending: tree("ledger_pending")?,
+                receipt_seqs: Arc::new(ReceiptSeqs::new(receipts_end)),
                 ledger,
                 outbox,
                 outbox_len,
@@ -274,10 +279,11 @@ impl Store {
         let inner = &*self.inner;
         let stored = stored_document(document, now_unix_ms).encode_to_vec();
         let body = document.wire.encode_to_vec();
-        let mut seqs = Vec::with_capacity(document.to.len() * 2);
-        for _ in 0..document.to.len() * 2 {
-            seqs.push(inner.db.generate_id()?);
+        let mut outbox_seqs = Vec::with_capacity(document.to.len());
+        for _ in 0..document.to.len() {
+            outbox_seqs.push(inner.db.generate_id()?);
         }
+        let receipt_seqs = self.reserve_receipt_seqs(document.to.len())?;
 
         let accepted: Vec<wire::Receipt> = document
             .to
@@ -285,7 +291,7 @@ impl Store {
             .enumerate()
             .map(|(index, recipient)| {
                 self.new_receipt(
-                    seqs[2 * index + 1],
+                    receipt_seqs[index],
                     &document.id,
                     recipient.as_str(),
                     ReceiptKind::Accepted,
@@ -302,22 +308,11 @@ impl Store {
             &inner.outbox,
             &inner.receipts,
             &inner.receipts_by_document,
-            &inner.ledger_pending,
             &inner.waiting,
             &inner.references,
         )
             .transaction(
-                |(
-                    documents,
-                    bodies,
-                    refs,
-                    outbox,
-                    receipts,
-                    by_document,
-                    pending,
-                    waiting,
-                    references,
-                )| {
+                |(documents, bodies, refs, outbox, receipts, by_document, waiting, references)| {
                     if let Some(existing) = documents.get(document.id.as_bytes())? {
                         return Ok(Some(existing));
                     }
@@ -335,7 +330,7 @@ impl Store {
                     )?;
                     for (index, recipient) in document.to.iter().enumerate() {
                         outbox.insert(
-                            &outbox_key(document.urgency.value(), seqs[2 * index]),
+                            &outbox_key(document.urgency.value(), outbox_seqs[index]),
                             document_entry(document, recipient, traceparent, now_unix_ms),
                         )?;
                         waiting.insert(
@@ -349,7 +344,7 @@ impl Store {
                         )?;
                     }
                     for receipt in &accepted {
-                        insert_receipt(receipts, by_document, pending, receipt)?;
+                        insert_receipt(receipts, by_document, receipt)?;
                     }
                     Ok(None)
                 },
@@ -406,10 +401,11 @@ impl Store {
                 now_unix_ms,
             )?);
         }
+        let receipt_seqs = self.reserve_receipt_seqs(about.len())?;
         let mut receipts = Vec::with_capacity(about.len());
-        for agency in about {
+        for (agency, seq) in about.iter().zip(receipt_seqs.iter()) {
             receipts.push(self.new_receipt(
-                inner.db.generate_id()?,
+                *seq,
                 &report.document_id,
                 agency.as_str(),
                 ReceiptKind::StatusReported,
@@ -425,29 +421,26 @@ impl Store {
             &inner.outbox,
             &inner.receipts,
             &inner.receipts_by_document,
-            &inner.ledger_pending,
             &inner.waiting,
             &inner.arrivals,
         )
-            .transaction(
-                |(outbox, receipts_tree, by_document, pending, waiting, arrivals)| {
-                    if let Some(arrival) = arrival
-                        && arrivals.insert(arrival, &[])?.is_some()
-                    {
-                        return Ok(false);
-                    }
-                    for (key, entry) in &entries {
-                        outbox.insert(key, entry.as_slice())?;
-                    }
-                    for key in &waiting_keys {
-                        waiting.insert(key.as_slice(), &[])?;
-                    }
-                    for receipt in &receipts {
-                        insert_receipt(receipts_tree, by_document, pending, receipt)?;
-                    }
-                    Ok(true)
-                },
-            );
+            .transaction(|(outbox, receipts_tree, by_document, waiting, arrivals)| {
+                if let Some(arrival) = arrival
+                    && arrivals.insert(arrival, &[])?.is_some()
+                {
+                    return Ok(false);
+                }
+                for (key, entry) in &entries {
+                    outbox.insert(key, entry.as_slice())?;
+                }
+                for key in &waiting_keys {
+                    waiting.insert(key.as_slice(), &[])?;
+                }
+                for receipt in &receipts {
+                    insert_receipt(receipts_tree, by_document, receipt)?;
+                }
+                Ok(true)
+            });
         if !unwrap_transaction(result)? {
             return Ok(Vec::new());
         }
@@ -532,6 +525,7 @@ impl Store {
                 }
                 None => return Err(StoreError::Corrupt("an outbox entry has no payload".into())),
             };
+            let enqueued_seq = self.reserve_receipt_seqs(usize::from(document_id.is_some()))?;
             batch.push(PendingPublish {
                 key,
                 message_id: entry.message_id,
@@ -540,7 +534,7 @@ impl Store {
                 traceparent: entry.traceparent,
                 document_id,
                 holds_body,
-                enqueued_seq: inner.db.generate_id()?,
+                enqueued_seq,
             });
         }
         Ok(batch)
@@ -560,7 +554,7 @@ impl Store {
             .filter(|_| published.holds_body);
         let receipt = published.document_id.as_ref().map(|document_id| {
             self.new_receipt(
-                published.enqueued_seq,
+                published.enqueued_seq[0],
                 document_id,
                 &published.recipient,
                 ReceiptKind::Enqueued,
@@ -574,9 +568,8 @@ impl Store {
             &inner.document_bodies,
             &inner.receipts,
             &inner.receipts_by_document,
-            &inner.ledger_pending,
         )
-            .transaction(|(outbox, refs, bodies, receipts, by_document, pending)| {
+            .transaction(|(outbox, refs, bodies, receipts, by_document)| {
                 if outbox.remove(&published.key)?.is_none() {
                     return Ok(false);
                 }
@@ -594,7 +587,7 @@ impl Store {
                     }
                 }
                 if let Some(receipt) = &receipt {
-                    insert_receipt(receipts, by_document, pending, receipt)?;
+                    insert_receipt(receipts, by_document, receipt)?;
                 }
                 Ok(true)
             });
@@ -650,9 +643,10 @@ impl Store {
             Settlement::Forwarded { to_hub } => (ReceiptKind::Forwarded, to_hub.to_owned()),
             Settlement::Undeliverable { reason } => (ReceiptKind::Rejected, reason.to_owned()),
         };
-        let receipt = match &message.document_id {
-            Some(document_id) => Some(self.new_receipt(
-                inner.db.generate_id()?,
+        let receipt_seqs = self.reserve_receipt_seqs(usize::from(message.document_id.is_some()))?;
+        let receipt = message.document_id.as_ref().map(|document_id| {
+            self.new_receipt(
+                receipt_seqs[0],
                 document_id,
                 message.recipient.as_str(),
                 kind,
@@ -661,21 +655,19 @@ impl Store {
                     detail: &detail,
                     ..ReceiptDetail::default()
                 },
-            )),
-            None => None,
-        };
+            )
+        });
         let result = (
             &inner.settled,
             &inner.receipts,
             &inner.receipts_by_document,
-            &inner.ledger_pending,
             &inner.waiting,
         )
-            .transaction(|(settled, receipts, by_document, pending, waiting)| {
+            .transaction(|(settled, receipts, by_document, waiting)| {
                 settled.insert(pair.as_slice(), &[])?;
                 waiting.remove(message.waiting_key.as_slice())?;
                 if let Some(receipt) = &receipt {
-                    insert_receipt(receipts, by_document, pending, receipt)?;
+                    insert_receipt(receipts, by_document, receipt)?;
                 }
                 Ok(())
             });
@@ -748,7 +740,6 @@ impl Store {
     ) -> Result<(), StoreError> {
         if let Some(document_id) = &message.document_id {
             self.append_receipt(
-                self.inner.db.generate_id()?,
                 document_id,
                 message.recipient.as_str(),
                 kind,
@@ -786,7 +777,6 @@ impl Store {
                 }
                 _ => {
                     self.append_receipt(
-                        inner.db.generate_id()?,
                         document_id,
                         recipient,
                         ReceiptKind::DeadLettered,
@@ -911,13 +901,11 @@ impl Store {
                     },
                 )
             });
-            let receipt = match receipt {
-                Some(mut receipt) => {
-                    receipt.seq = inner.db.generate_id()?;
-                    Some(receipt)
-                }
-                None => None,
-            };
+            let receipt_seqs = self.reserve_receipt_seqs(usize::from(receipt.is_some()))?;
+            let receipt = receipt.map(|receipt| wire::Receipt {
+                seq: receipt_seqs[0],
+                ..receipt
+            });
             let pair = pair_key(&dead_letter.message_id, &dead_letter.recipient);
             let waiting = wire::QueuedMessage::decode(dead_letter.queued_message.as_slice())
                 .map(|message| waiting_key_of(&message))
@@ -928,7 +916,6 @@ impl Store {
                 &inner.rejections,
                 &inner.receipts,
                 &inner.receipts_by_document,
-                &inner.ledger_pending,
                 &inner.waiting,
             )
                 .transaction(
@@ -938,7 +925,6 @@ impl Store {
                         rejections,
                         receipts_tree,
                         by_document,
-                        pending,
                         waiting_tree,
                     )| {
                         if dead_letters.remove(&key)?.is_none() {
@@ -950,7 +936,7 @@ impl Store {
                         }
                         rejections.remove(pair.as_slice())?;
                         if let Some(receipt) = &receipt {
-                            insert_receipt(receipts_tree, by_document, pending, receipt)?;
+                            insert_receipt(receipts_tree, by_document, receipt)?;
                         }
                         Ok(true)
                     },
@@ -1045,7 +1031,6 @@ impl Store {
     /// Writes one receipt outside any other transaction.
     fn append_receipt(
         &self,
-        seq: u64,
         document_id: &str,
         agency: &str,
         kind: ReceiptKind,
@@ -1053,17 +1038,36 @@ impl Store {
         detail: ReceiptDetail<'_>,
     ) -> Result<wire::Receipt, StoreError> {
         let inner = &*self.inner;
-        let receipt = self.new_receipt(seq, document_id, agency, kind, now_unix_ms, detail);
-        let result = (
-            &inner.receipts,
-            &inner.receipts_by_document,
-            &inner.ledger_pending,
-        )
-            .transaction(|(receipts, by_document, pending)| {
-                insert_receipt(receipts, by_document, pending, &receipt)
-            });
+        let receipt_seqs = self.reserve_receipt_seqs(1)?;
+        let receipt = self.new_receipt(
+            receipt_seqs[0],
+            document_id,
+            agency,
+            kind,
+            now_unix_ms,
+            detail,
+        );
+        let result = (&inner.receipts, &inner.receipts_by_document)
+            .transaction(|(receipts, by_document)| insert_receipt(receipts, by_document, &receipt));
         unwrap_transaction(result)?;
         Ok(receipt)
+    }
+
+    /// Takes `count` receipt sequence numbers for one transaction; keep the result until the
+    /// transaction has ended.
+    fn reserve_receipt_seqs(&self, count: usize) -> Result<ReservedSeqs, StoreError> {
+        let registry = self.inner.receipt_seqs.clone();
+        let mut state = registry.lock();
+        let mut seqs = Vec::with_capacity(count);
+        for _ in 0..count {
+            seqs.push(self.inner.db.generate_id()?);
+        }
+        if let Some(last) = seqs.last() {
+            state.issued_end = state.issued_end.max(last + 1);
+        }
+        state.open.extend(&seqs);
+        drop(state);
+        Ok(ReservedSeqs { seqs, registry })
     }
 
     fn new_receipt(
@@ -1125,10 +1129,8 @@ fn document_entry(
 fn insert_receipt(
     receipts: &TransactionalTree,
     by_document: &TransactionalTree,
-    ledger_pending: &TransactionalTree,
     receipt: &wire::Receipt,
 ) -> Result<(), ConflictableTransactionError<StoreError>> {
-    ledger_pending.insert(&receipt.seq.to_be_bytes(), &[])?;
     let mut index_key = receipt.document_id.as_bytes().to_vec();
     index_key.push(0);
     index_key.extend_from_slice(&receipt.seq.to_be_bytes());
@@ -1229,6 +1231,69 @@ fn unwrap_transaction<T>(result: Result<T, TransactionError<StoreError>>) -> Res
         TransactionError::Abort(e) => e,
         TransactionError::Storage(e) => StoreError::Sled(e),
     })
+}
+
+/// Receipt sequence numbers: handed out in increasing order under one lock, and tracked until
+/// the transaction that writes their receipts has ended. The ledger appender follows the
+/// `receipts` tree in sequence order and stops at the first number still open, so a receipt
+/// that commits after a higher-numbered one is never passed over.
+#[derive(Debug)]
+struct ReceiptSeqs {
+    state: std::sync::Mutex<ReceiptSeqState>,
+}
+
+#[derive(Debug)]
+struct ReceiptSeqState {
+    /// One past the highest number handed out (or found in the receipt log at open).
+    issued_end: u64,
+    /// Numbers handed out whose transaction has not ended yet.
+    open: std::collections::BTreeSet<u64>,
+}
+
+impl ReceiptSeqs {
+    fn new(receipts_end: u64) -> Self {
+        ReceiptSeqs {
+            state: std::sync::Mutex::new(ReceiptSeqState {
+                issued_end: receipts_end,
+                open: std::collections::BTreeSet::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReceiptSeqState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every receipt numbered below this has committed, or never will.
+    fn settled_before(&self) -> u64 {
+        let state = self.lock();
+        state.open.first().copied().unwrap_or(state.issued_end)
+    }
+}
+
+/// Receipt sequence numbers taken for one transaction (see [`ReceiptSeqs`]); released when
+/// dropped, which must come after the transaction has ended.
+#[derive(Debug)]
+struct ReservedSeqs {
+    seqs: Vec<u64>,
+    registry: Arc<ReceiptSeqs>,
+}
+
+impl std::ops::Deref for ReservedSeqs {
+    type Target = [u64];
+
+    fn deref(&self) -> &[u64] {
+        &self.seqs
+    }
+}
+
+impl Drop for ReservedSeqs {
+    fn drop(&mut self) {
+        let mut state = self.registry.lock();
+        for seq in &self.seqs {
+            state.open.remove(seq);
+        }
+    }
 }
 
 /// The highest receipt sequence number known to be on disk, kept in a file beside the database.
