@@ -875,6 +875,20 @@ mod tests {
         wait_until_appended(store).await;
     }
 
+    /// Opens the store again once the dropped one has let go of the database (its background
+    /// tasks do when they are next polled).
+    async fn reopen(dir: &std::path::Path, hub: &AgencyCode, policy: CheckpointPolicy) -> Store {
+        let mut reopened = Store::open_with(dir, hub, policy, 1 << 20);
+        for _ in 0..100 {
+            if reopened.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            reopened = Store::open_with(dir, hub, policy, 1 << 20);
+        }
+        reopened.expect("reopen")
+    }
+
     /// The store's own appender moves receipts into the ledger.
     async fn wait_until_appended(store: &Store) {
         while store.ledger_has_pending().expect("read the receipts") {
@@ -949,16 +963,7 @@ mod tests {
 
         store.durable().await.expect("flush");
         drop(store);
-        // The store's background tasks let go of the database once they are polled again.
-        let mut reopened = Store::open_with(dir.path(), &hub, policy, 1 << 20);
-        for _ in 0..100 {
-            if reopened.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            reopened = Store::open_with(dir.path(), &hub, policy, 1 << 20);
-        }
-        let store = reopened.expect("reopen");
+        let store = reopen(dir.path(), &hub, policy).await;
         write_receipts(&store, 45, 50).await;
         store.checkpoint().await.expect("checkpoint at 50");
         assert_every_proof_verifies(&store, 13..50);
@@ -1019,5 +1024,57 @@ mod tests {
         );
         store.checkpoint().await.expect("checkpoint");
         assert_eq!(store.verify_ledger(0, 21).expect("verify").problem, None);
+    }
+
+    /// A database from before `append_from`: its appended receipts stay appended once, and
+    /// the receipts its `ledger_pending` tree names are appended at the next open.
+    #[tokio::test]
+    async fn a_database_with_a_pending_tree_is_taken_over() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hub: AgencyCode = "000.00.00.H53".parse().expect("code");
+        let store = Store::open(dir.path(), &hub).expect("open");
+        write_receipts(&store, 0, 5).await;
+        // Receipts numbered above every number handed out, as the older hub left them: written,
+        // marked pending, not appended (the appender does not look above what it handed out).
+        let legacy = store.db().open_tree("ledger_pending").expect("tree");
+        for seq in [1_000_000, 1_000_002] {
+            let receipt = store.new_receipt(
+                seq,
+                "doc-legacy",
+                "000.21.31.H53",
+                ReceiptKind::Accepted,
+                2_000,
+                ReceiptDetail::default(),
+            );
+            let inner = &store.inner;
+            let result = (&inner.receipts, &inner.receipts_by_document).transaction(
+                |(receipts, by_document)| {
+                    crate::store::insert_receipt(receipts, by_document, &receipt)
+                },
+            );
+            unwrap_transaction(result).expect("receipt");
+            legacy.insert(seq.to_be_bytes(), &[]).expect("pending mark");
+        }
+        store
+            .ledger()
+            .meta
+            .remove(APPEND_FROM)
+            .expect("as before append_from");
+        store.durable().await.expect("flush");
+        drop((legacy, store));
+        let store = reopen(dir.path(), &hub, CheckpointPolicy::default()).await;
+        wait_until_appended(&store).await;
+        assert_eq!(store.ledger_size(), 7);
+        let legacy_records = ReceiptFilter {
+            document_id: Some("doc-legacy".into()),
+            ..ReceiptFilter::default()
+        };
+        let (records, _) = store
+            .ledger_records(&legacy_records, None, 10)
+            .expect("query");
+        let indexes: Vec<u64> = records.iter().map(|r| r.index).collect();
+        assert_eq!(indexes, vec![5, 6]);
+        store.checkpoint().await.expect("checkpoint");
+        assert_eq!(store.verify_ledger(0, 7).expect("verify").problem, None);
     }
 }
