@@ -875,6 +875,23 @@ mod tests {
         wait_until_appended(store).await;
     }
 
+    /// Writes an ACCEPTED receipt under a sequence number the test chose.
+    fn write_receipt_numbered(store: &Store, seq: u64, document_id: &str) {
+        let receipt = store.new_receipt(
+            seq,
+            document_id,
+            "000.21.31.H53",
+            ReceiptKind::Accepted,
+            2_000,
+            ReceiptDetail::default(),
+        );
+        let inner = &store.inner;
+        let result = (&inner.receipts, &inner.receipts_by_document).transaction(
+            |(receipts, by_document)| crate::store::insert_receipt(receipts, by_document, &receipt),
+        );
+        unwrap_transaction(result).expect("write the receipt");
+    }
+
     /// Opens the store again once the dropped one has let go of the database (its background
     /// tasks do when they are next polled).
     async fn reopen(dir: &std::path::Path, hub: &AgencyCode, policy: CheckpointPolicy) -> Store {
@@ -1001,19 +1018,7 @@ mod tests {
             "appended past an open sequence number"
         );
 
-        let receipt = store.new_receipt(
-            late[0],
-            "doc-late",
-            "000.21.31.H53",
-            ReceiptKind::Accepted,
-            999,
-            ReceiptDetail::default(),
-        );
-        let inner = &store.inner;
-        let result = (&inner.receipts, &inner.receipts_by_document).transaction(
-            |(receipts, by_document)| crate::store::insert_receipt(receipts, by_document, &receipt),
-        );
-        unwrap_transaction(result).expect("the late receipt");
+        write_receipt_numbered(&store, late[0], "doc-late");
         drop(late);
         wait_until_appended(&store).await;
         assert_eq!(store.ledger_size(), 21);
@@ -1038,21 +1043,7 @@ mod tests {
         // marked pending, not appended (the appender does not look above what it handed out).
         let legacy = store.db().open_tree("ledger_pending").expect("tree");
         for seq in [1_000_000, 1_000_002] {
-            let receipt = store.new_receipt(
-                seq,
-                "doc-legacy",
-                "000.21.31.H53",
-                ReceiptKind::Accepted,
-                2_000,
-                ReceiptDetail::default(),
-            );
-            let inner = &store.inner;
-            let result = (&inner.receipts, &inner.receipts_by_document).transaction(
-                |(receipts, by_document)| {
-                    crate::store::insert_receipt(receipts, by_document, &receipt)
-                },
-            );
-            unwrap_transaction(result).expect("receipt");
+            write_receipt_numbered(&store, seq, "doc-legacy");
             legacy.insert(seq.to_be_bytes(), &[]).expect("pending mark");
         }
         store
