@@ -92,6 +92,9 @@ pub async fn run<T: Transport>(hub: Hub<T>, shutdown: CancellationToken) {
             None => backoff = MIN_BACKOFF,
             Some((error, recipient)) => {
                 tracing::warn!(%error, %recipient, retry_in = ?backoff, waiting = store.outbox_len(), "publishing from the outbox failed");
+                // The batch holds the sequence numbers of its ENQUEUED receipts, which the
+                // ledger appender waits for: let them go while the transport is away.
+                drop(batch);
                 if sleep_or_shutdown(backoff, &shutdown).await {
                     return;
                 }
