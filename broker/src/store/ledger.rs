@@ -106,12 +106,17 @@ impl LedgerTrees {
                 data_dir.display()
             ))
         })?;
+        let meta = db.open_tree("ledger_meta")?;
         let (size, chain) = match records.last()? {
             Some((_, value)) => {
                 let record = wire::LedgerRecord::decode(&*value).map_err(corrupt("ledger"))?;
                 (record.index + 1, to_hash(&record.chain_hash)?)
             }
-            None => (0, ledger::GENESIS),
+            // Every record archived: the ledger goes on from the archive mark.
+            None => match (meta.get(ARCHIVED_BEFORE)?, meta.get(ARCHIVED_CHAIN)?) {
+                (Some(before), Some(chain)) => (be_u64(&before)?, to_hash(&chain)?),
+                _ => (0, ledger::GENESIS),
+            },
         };
         let frontier = Frontier::restore(
             &StoredNodes {
@@ -125,12 +130,16 @@ impl LedgerTrees {
             None => 0,
         };
         let by_seq = db.open_tree("ledger_by_seq")?;
-        let meta = db.open_tree("ledger_meta")?;
         let (append_from, recheck_before) = match meta.get(APPEND_FROM)? {
             Some(value) => (be_u64(&value)?, 0),
             None => {
                 let appended_end = match by_seq.last()? {
                     Some((seq, _)) => be_u64(&seq)? + 1,
+                    // Every record archived: each receipt is in the ledger or pending.
+                    None if size > 0 => match db.open_tree("receipts")?.last()? {
+                        Some((seq, _)) => be_u64(&seq)? + 1,
+                        None => 0,
+                    },
                     None => 0,
                 };
                 let legacy_pending = if db.tree_names().iter().any(|n| &**n == b"ledger_pending") {
@@ -1067,5 +1076,28 @@ mod tests {
         assert_eq!(indexes, vec![5, 6]);
         store.checkpoint().await.expect("checkpoint");
         assert_eq!(store.verify_ledger(0, 7).expect("verify").problem, None);
+    }
+
+    /// Archiving every record leaves the ledger's size, chain and frontier to a reopened hub.
+    #[tokio::test]
+    async fn a_ledger_archived_to_its_end_continues_after_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hub: AgencyCode = "000.00.00.H53".parse().expect("code");
+        let policy = CheckpointPolicy::default();
+        let store = Store::open_with(dir.path(), &hub, policy, 1 << 20).expect("open");
+        write_receipts(&store, 0, 10).await;
+        store.checkpoint().await.expect("checkpoint at 10");
+        store
+            .archive_ledger(10, &dir.path().join("archive"))
+            .expect("archive");
+        store.durable().await.expect("flush");
+        drop(store);
+        let store = reopen(dir.path(), &hub, policy).await;
+        assert_eq!(store.ledger_size(), 10);
+        write_receipts(&store, 10, 13).await;
+        assert_eq!(store.ledger_size(), 13);
+        store.checkpoint().await.expect("checkpoint at 13");
+        assert_every_proof_verifies(&store, 10..13);
+        assert_eq!(store.verify_ledger(0, 13).expect("verify").problem, None);
     }
 }
