@@ -901,16 +901,28 @@ mod tests {
         unwrap_transaction(result).expect("write the receipt");
     }
 
+    fn test_hub() -> AgencyCode {
+        "000.00.00.H53".parse().expect("code")
+    }
+
+    /// A new store in a directory of its own (kept while the `TempDir` lives).
+    fn new_store(policy: CheckpointPolicy) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open_with(dir.path(), &test_hub(), policy, 1 << 20).expect("open");
+        (dir, store)
+    }
+
     /// Opens the store again once the dropped one has let go of the database (its background
     /// tasks do when they are next polled).
-    async fn reopen(dir: &std::path::Path, hub: &AgencyCode, policy: CheckpointPolicy) -> Store {
-        let mut reopened = Store::open_with(dir, hub, policy, 1 << 20);
+    async fn reopen(dir: &std::path::Path, policy: CheckpointPolicy) -> Store {
+        let hub = test_hub();
+        let mut reopened = Store::open_with(dir, &hub, policy, 1 << 20);
         for _ in 0..100 {
             if reopened.is_ok() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
-            reopened = Store::open_with(dir, hub, policy, 1 << 20);
+            reopened = Store::open_with(dir, &hub, policy, 1 << 20);
         }
         reopened.expect("reopen")
     }
@@ -944,13 +956,11 @@ mod tests {
     /// queries by document still page through the ledger in order.
     #[tokio::test]
     async fn small_subtrees_are_computed_for_proofs_archives_and_restarts() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let hub: AgencyCode = "000.00.00.H53".parse().expect("code");
         let policy = CheckpointPolicy {
             every: 1_000,
             interval: Duration::from_secs(3_600),
         };
-        let store = Store::open_with(dir.path(), &hub, policy, 1 << 20).expect("open");
+        let (dir, store) = new_store(policy);
         write_receipts(&store, 0, 13).await;
         store.checkpoint().await.expect("checkpoint at 13");
         write_receipts(&store, 13, 45).await;
@@ -989,7 +999,7 @@ mod tests {
 
         store.durable().await.expect("flush");
         drop(store);
-        let store = reopen(dir.path(), &hub, policy).await;
+        let store = reopen(dir.path(), policy).await;
         write_receipts(&store, 45, 50).await;
         store.checkpoint().await.expect("checkpoint at 50");
         assert_every_proof_verifies(&store, 13..50);
@@ -1004,9 +1014,7 @@ mod tests {
     /// turn: the appender stops below the first sequence number still open.
     #[tokio::test]
     async fn a_receipt_committed_late_is_appended_in_its_turn() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let hub: AgencyCode = "000.00.00.H53".parse().expect("code");
-        let store = Store::open(dir.path(), &hub).expect("open");
+        let (_dir, store) = new_store(CheckpointPolicy::default());
         let late = store.reserve_receipt_seqs(1).expect("seq");
         for n in 0..20 {
             store
@@ -1044,9 +1052,7 @@ mod tests {
     /// the receipts its `ledger_pending` tree names are appended at the next open.
     #[tokio::test]
     async fn a_database_with_a_pending_tree_is_taken_over() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let hub: AgencyCode = "000.00.00.H53".parse().expect("code");
-        let store = Store::open(dir.path(), &hub).expect("open");
+        let (dir, store) = new_store(CheckpointPolicy::default());
         write_receipts(&store, 0, 5).await;
         // Receipts numbered above every number handed out, as the older hub left them: written,
         // marked pending, not appended (the appender does not look above what it handed out).
@@ -1062,7 +1068,7 @@ mod tests {
             .expect("as before append_from");
         store.durable().await.expect("flush");
         drop((legacy, store));
-        let store = reopen(dir.path(), &hub, CheckpointPolicy::default()).await;
+        let store = reopen(dir.path(), CheckpointPolicy::default()).await;
         wait_until_appended(&store).await;
         assert_eq!(store.ledger_size(), 7);
         let legacy_records = ReceiptFilter {
@@ -1081,10 +1087,8 @@ mod tests {
     /// Archiving every record leaves the ledger's size, chain and frontier to a reopened hub.
     #[tokio::test]
     async fn a_ledger_archived_to_its_end_continues_after_a_reopen() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let hub: AgencyCode = "000.00.00.H53".parse().expect("code");
         let policy = CheckpointPolicy::default();
-        let store = Store::open_with(dir.path(), &hub, policy, 1 << 20).expect("open");
+        let (dir, store) = new_store(policy);
         write_receipts(&store, 0, 10).await;
         store.checkpoint().await.expect("checkpoint at 10");
         store
@@ -1092,7 +1096,7 @@ mod tests {
             .expect("archive");
         store.durable().await.expect("flush");
         drop(store);
-        let store = reopen(dir.path(), &hub, policy).await;
+        let store = reopen(dir.path(), policy).await;
         assert_eq!(store.ledger_size(), 10);
         write_receipts(&store, 10, 13).await;
         assert_eq!(store.ledger_size(), 13);
