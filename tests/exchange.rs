@@ -890,10 +890,14 @@ async fn operators_list_queues_and_others_may_not<K: Into<Kind>>(kind: K) {
             .find(|q| q.agency == COMMUNE_2)
             .map(|q| q.ready)
     };
+    // The publisher records a confirmed publish just after the queue shows the message.
     eventually(
-        "both documents wait in the neighbour's queue",
+        "both documents wait in the neighbour's queue, none in the outbox",
         Duration::from_secs(10),
-        || async { waiting(&list().await) == Some(2) },
+        || async {
+            let listed = list().await;
+            waiting(&listed) == Some(2) && listed.outbox_depth == 0
+        },
     )
     .await;
     let listed = list().await;
