@@ -136,10 +136,7 @@ impl LedgerTrees {
                 let appended_end = match by_seq.last()? {
                     Some((seq, _)) => be_u64(&seq)? + 1,
                     // Every record archived: each receipt is in the ledger or pending.
-                    None if size > 0 => match db.open_tree("receipts")?.last()? {
-                        Some((seq, _)) => be_u64(&seq)? + 1,
-                        None => 0,
-                    },
+                    None if size > 0 => super::receipts_end(&db.open_tree("receipts")?)?,
                     None => 0,
                 };
                 let legacy_pending = if db.tree_names().iter().any(|n| &**n == b"ledger_pending") {
@@ -215,6 +212,12 @@ impl Nodes for StoredNodes<'_> {
             &self.node(level - 1, 2 * index + 1)?,
         ))
     }
+}
+
+fn receipt_of(record: &wire::LedgerRecord) -> Result<&wire::Receipt, StoreError> {
+    record.receipt.as_ref().ok_or_else(|| {
+        StoreError::Corrupt(format!("ledger record {} has no receipt", record.index))
+    })
 }
 
 fn node_key(level: u32, index: u64) -> [u8; 9] {
@@ -488,6 +491,13 @@ impl Store {
             .transpose()
     }
 
+    /// The record at `index`, which an index entry names: missing means the database is damaged.
+    fn indexed_record(&self, index: u64) -> Result<wire::LedgerRecord, StoreError> {
+        self.ledger_record(index)?.ok_or_else(|| {
+            StoreError::Corrupt(format!("a ledger index names missing record {index}"))
+        })
+    }
+
     /// The ledger index of the receipt `seq`, once appended.
     pub fn ledger_index_of(&self, seq: u64) -> Result<Option<u64>, StoreError> {
         self.ledger()
@@ -540,14 +550,9 @@ impl Store {
             let record = if prefix.is_empty() {
                 wire::LedgerRecord::decode(&*value).map_err(corrupt("ledger"))?
             } else {
-                let index = be_u64(&key[key.len() - 8..])?;
-                self.ledger_record(index)?.ok_or_else(|| {
-                    StoreError::Corrupt(format!("a ledger index names missing record {index}"))
-                })?
+                self.indexed_record(be_u64(&key[key.len() - 8..])?)?
             };
-            let receipt = record.receipt.as_ref().ok_or_else(|| {
-                StoreError::Corrupt(format!("ledger record {} has no receipt", record.index))
-            })?;
+            let receipt = receipt_of(&record)?;
             if filter.agency.is_some()
                 && filter.to_unix_ms.is_some_and(|to| receipt.at_unix_ms >= to)
             {
@@ -595,12 +600,8 @@ impl Store {
                 position.extend_from_slice(&index.to_be_bytes());
                 return Ok((records, Some(position)));
             }
-            let record = self.ledger_record(index)?.ok_or_else(|| {
-                StoreError::Corrupt(format!("a ledger index names missing record {index}"))
-            })?;
-            let receipt = record.receipt.as_ref().ok_or_else(|| {
-                StoreError::Corrupt(format!("ledger record {} has no receipt", record.index))
-            })?;
+            let record = self.indexed_record(index)?;
+            let receipt = receipt_of(&record)?;
             if filter.matches(receipt) {
                 records.push(record);
             }
@@ -700,10 +701,14 @@ impl Store {
         text.push('\n');
         let mut checkpoints = self.ledger_checkpoints(from, to)?.into_iter().peekable();
         let mut written_checkpoints = 0;
+        let mut leaves = Vec::with_capacity(usize::try_from(to - from).unwrap_or(0));
         for index in from..to {
             let record = self
                 .ledger_record(index)?
                 .ok_or_else(|| StoreError::Corrupt(format!("ledger record {index} is missing")))?;
+            if let Some(receipt) = &record.receipt {
+                leaves.push((index, ledger::leaf_hash(index, receipt)));
+            }
             text.push_str(&ledger::export::record_line(&record));
             text.push('\n');
             while let Some(checkpoint) = checkpoints.next_if(|c| c.tree_size == index + 1) {
@@ -744,15 +749,8 @@ impl Store {
         // `LOWEST_STORED_LEVEL` are computed from; then the mark (durably): a crash before the
         // removals leaves records that reads below the mark ignore, and the next archive does
         // not write them again.
-        for index in from..to {
-            let record = self
-                .ledger_record(index)?
-                .ok_or_else(|| StoreError::Corrupt(format!("ledger record {index} is missing")))?;
-            if let Some(receipt) = &record.receipt {
-                ledger
-                    .nodes
-                    .insert(node_key(0, index), &ledger::leaf_hash(index, receipt))?;
-            }
+        for (index, leaf) in &leaves {
+            ledger.nodes.insert(node_key(0, *index), leaf)?;
         }
         let last_chain = self.chain_before(to)?;
         ledger.meta.insert(ARCHIVED_CHAIN, last_chain.to_vec())?;

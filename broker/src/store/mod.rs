@@ -195,11 +195,8 @@ impl Store {
         let outbox = tree("outbox")?;
         let receipts = tree("receipts")?;
         let watermark = Watermark::new(data_dir);
-        let found = last_seq(&receipts)?;
-        let receipts_end = match receipts.last()? {
-            Some(_) => found + 1,
-            None => 0,
-        };
+        let receipts_end = receipts_end(&receipts)?;
+        let found = receipts_end.saturating_sub(1);
         if let Some(durable) = watermark.read()
             && found < durable
         {
@@ -1324,6 +1321,14 @@ impl Watermark {
             tracing::warn!(%error, path = %self.path.display(), "cannot update the durability watermark");
         }
     }
+}
+
+/// One past the highest receipt sequence number in the log; 0 when the log is empty.
+fn receipts_end(receipts: &sled::Tree) -> Result<u64, StoreError> {
+    Ok(receipts
+        .last()?
+        .and_then(|(key, _)| <[u8; 8]>::try_from(&*key).ok())
+        .map_or(0, |key| u64::from_be_bytes(key) + 1))
 }
 
 fn last_seq(receipts: &sled::Tree) -> Result<u64, StoreError> {
