@@ -153,18 +153,32 @@ impl<T: Transport> Hub<T> {
     }
 
     /// Whether `from_hub` may hand over messages that `agency` sent or reported: a peer for
-    /// the agencies of its province, the uplink for agencies outside this hub's province.
-    fn speaks_for(&self, from_hub: &AgencyCode, agency: &AgencyCode) -> bool {
+    /// the agencies of its province, the uplink for agencies outside this hub's province. The
+    /// refusal names `what` of `agency` the hub may not hand over ("documents sent by" …).
+    fn speaks_for(
+        &self,
+        from_hub: &AgencyCode,
+        agency: &AgencyCode,
+        what: &str,
+    ) -> Result<(), HubError> {
         let config = self.config();
         let federation = &config.federation;
-        if let Some(peer) = federation.peers.iter().find(|p| &p.identity == from_hub) {
-            return agency.province() == peer.province;
+        let allowed = match federation.peers.iter().find(|p| &p.identity == from_hub) {
+            Some(peer) => agency.province() == peer.province,
+            None => {
+                federation
+                    .uplink
+                    .as_ref()
+                    .is_some_and(|u| &u.hub == from_hub)
+                    && agency.province() != config.hub_code.province()
+            }
+        };
+        if allowed {
+            return Ok(());
         }
-        federation
-            .uplink
-            .as_ref()
-            .is_some_and(|u| &u.hub == from_hub)
-            && agency.province() != config.hub_code.province()
+        Err(HubError::PermissionDenied(format!(
+            "Forward: hub {from_hub} may not hand over {what} {agency}"
+        )))
     }
 
     /// Takes one message another hub hands over (`Forward`), durably, once per (hub, message,
@@ -214,12 +228,7 @@ impl<T: Transport> Hub<T> {
                     ));
                 }
                 let mut document = Document::from_wire(document, self.document_limits(), now)?;
-                if !self.speaks_for(from_hub, &document.from) {
-                    return Err(HubError::PermissionDenied(format!(
-                        "Forward: hub {from_hub} may not hand over documents sent by {}",
-                        document.from
-                    )));
-                }
+                self.speaks_for(from_hub, &document.from, "documents sent by")?;
                 if !document.to.contains(&recipient) {
                     return Err(HubError::invalid(
                         "recipient",
@@ -257,11 +266,7 @@ impl<T: Transport> Hub<T> {
                     .from
                     .parse()
                     .map_err(|e| HubError::invalid("status.from", format!("{e}")))?;
-                if !self.speaks_for(from_hub, &reporter) {
-                    return Err(HubError::PermissionDenied(format!(
-                        "Forward: hub {from_hub} may not hand over status reports of {reporter}"
-                    )));
-                }
+                self.speaks_for(from_hub, &reporter, "status reports of")?;
                 let document = self.known_document(&report.document_id)?;
                 let party = |code: &AgencyCode| {
                     document.from == code.as_str()
@@ -294,11 +299,7 @@ impl<T: Transport> Hub<T> {
                     .agency
                     .parse()
                     .map_err(|e| HubError::invalid("receipt.agency", format!("{e}")))?;
-                if !self.speaks_for(from_hub, &about) {
-                    return Err(HubError::PermissionDenied(format!(
-                        "Forward: hub {from_hub} may not hand over receipts about {about}"
-                    )));
-                }
+                self.speaks_for(from_hub, &about, "receipts about")?;
                 let document = self.known_document(&receipt.document_id)?;
                 if document.from != recipient.as_str() {
                     return Err(HubError::invalid(
