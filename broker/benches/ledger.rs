@@ -48,12 +48,11 @@ async fn run(receipts: usize) {
         };
         let at = START_MS + n as i64 * spacing_ms;
         store
-            .mark_delivered(&message, false, at)
+            .mark_delivered(&message.recipient, &[&message], at)
             .expect("delivered");
         store
             .mark_settled(
-                &message,
-                lienthong::store::Settlement::Acknowledged,
+                &[(&message, lienthong::store::Settlement::Acknowledged)],
                 at + 1000,
             )
             .expect("acknowledged");

@@ -116,6 +116,41 @@ struct PendingAck<A> {
     /// The `deliver` span's context, parent of the `ack` span.
     traceparent: String,
     acker: A,
+    /// Its settlement is queued for recording ([`Hub::record_settlements`]): a second `Ack`
+    /// is refused and the closing of its stream leaves it alone.
+    settling: bool,
+}
+
+/// An `Ack` waiting for its settlement to be recorded together with the others queued
+/// beside it.
+#[derive(Debug)]
+struct QueuedSettlement<A> {
+    ack_token: String,
+    /// Why a hub settles the delivery as undeliverable; `None` for an acknowledgement.
+    undeliverable: Option<String>,
+    /// Answered with the delivery, out of the pending set, once its settlement is on record.
+    recorded: tokio::sync::oneshot::Sender<Result<PendingAck<A>, HubError>>,
+}
+
+/// Where an `Ack` stands once its delivery is found.
+enum Settling<A> {
+    /// Out of the pending set already (a rejection records nothing first).
+    Now(PendingAck<A>),
+    /// Queued for recording; the answer brings the delivery.
+    Queued(tokio::sync::oneshot::Receiver<Result<PendingAck<A>, HubError>>),
+}
+
+/// A message from the queue, decoded and checked, that its stream's batch will show.
+struct PreparedDelivery<A> {
+    message: MessageRef,
+    payload: wire::delivery::Payload,
+    /// The document's urgency, for metrics.
+    urgency: u8,
+    /// The `deliver` span's context, parent of the `ack` span.
+    traceparent: String,
+    acker: A,
+    /// Whether the transport delivered it before.
+    transport_redelivered: bool,
 }
 
 /// Deliveries shown and not yet settled, by ack token, and which (message, recipient) pairs
@@ -125,6 +160,8 @@ struct PendingAck<A> {
 struct PendingAcks<A> {
     by_token: HashMap<String, PendingAck<A>>,
     shown: HashSet<(String, AgencyCode)>,
+    /// Settlements waiting to be recorded in one store transaction.
+    settle_queue: Vec<QueuedSettlement<A>>,
 }
 
 impl<A> Default for PendingAcks<A> {
@@ -132,6 +169,7 @@ impl<A> Default for PendingAcks<A> {
         PendingAcks {
             by_token: HashMap::new(),
             shown: HashSet::new(),
+            settle_queue: Vec::new(),
         }
     }
 }
@@ -151,7 +189,7 @@ impl<A> PendingAcks<A> {
         let tokens: Vec<String> = self
             .by_token
             .iter()
-            .filter(|(_, pending)| pending.stream_id == stream_id)
+            .filter(|(_, pending)| pending.stream_id == stream_id && !pending.settling)
             .map(|(token, _)| token.clone())
             .collect();
         for token in tokens {
@@ -401,30 +439,40 @@ impl<T: Transport> Hub<T> {
                 () = sender.closed() => break,
                 () = shutdown.cancelled() => break,
             };
-            // Take whatever else is already waiting (up to the prefetch), so that one flush
-            // makes the DELIVERED receipts of the whole batch durable.
-            let mut batch = Vec::new();
+            // Take whatever else is already waiting (up to the prefetch), so that one
+            // transaction and one flush record the DELIVERED receipts of the whole batch.
+            let mut prepared = Vec::new();
             let mut lost = None;
             let mut next = Some(first);
             while let Some(inbound) = next.take() {
                 match inbound {
-                    Ok(inbound) => match self.prepare_delivery(&caller, stream_id, inbound).await {
-                        Ok(Some(delivery)) => batch.push(delivery),
+                    Ok(inbound) => match self.prepare_delivery(&caller, inbound).await {
+                        Ok(Some(delivery)) => prepared.push(delivery),
                         Ok(None) => {}
                         Err(error) => {
                             tracing::error!(agency = %caller, %error, "cannot record a delivery");
+                            self.unreserve(&prepared);
                             let _ = sender.send(Err(error)).await;
                             break 'stream;
                         }
                     },
                     Err(error) => lost = Some(error),
                 }
-                if lost.is_none() && batch.len() < usize::from(self.inner.config.delivery.prefetch)
+                if lost.is_none()
+                    && prepared.len() < usize::from(self.inner.config.delivery.prefetch)
                 {
                     next = subscription.next().now_or_never();
                 }
             }
-            if !batch.is_empty() {
+            if !prepared.is_empty() {
+                let batch = match self.record_shown(&caller, stream_id, prepared) {
+                    Ok(batch) => batch,
+                    Err(error) => {
+                        tracing::error!(agency = %caller, %error, "cannot record a delivery");
+                        let _ = sender.send(Err(error)).await;
+                        break 'stream;
+                    }
+                };
                 if let Err(error) = self.inner.store.durable().await {
                     tracing::error!(agency = %caller, %error, "cannot record a delivery");
                     let _ = sender.send(Err(error.into())).await;
@@ -545,14 +593,14 @@ impl<T: Transport> Hub<T> {
         self.pending_acks().forget_stream(stream_id);
     }
 
-    /// Turns a message from the queue into a delivery, or settles it at once when it must not
-    /// be shown (already acknowledged, unreadable, or misrouted).
+    /// Turns a message from the queue into a delivery to record as shown ([`Hub::record_shown`]),
+    /// or settles it at once when it must not be shown (already acknowledged, unreadable, or
+    /// misrouted).
     async fn prepare_delivery(
         &self,
         caller: &AgencyCode,
-        stream_id: u64,
         inbound: Inbound<AckerOf<T>>,
-    ) -> Result<Option<wire::Delivery>, HubError> {
+    ) -> Result<Option<PreparedDelivery<AckerOf<T>>>, HubError> {
         let store = &self.inner.store;
         // The recipient is the caller, or, on a hub's stream, an agency routed through it.
         let decoded = wire::QueuedMessage::decode(inbound.payload.as_slice()).map(|message| {
@@ -625,48 +673,89 @@ impl<T: Transport> Hub<T> {
                 return Ok(None);
             }
         };
-        let message_ref = MessageRef {
-            message_id: message.message_id,
-            recipient,
-            document_id,
-            waiting_key,
-        };
-        // Durable before it is shown: the caller flushes once per batch.
-        let shown_before = match store.mark_delivered(&message_ref, to_hub, now_unix_ms()) {
+        Ok(Some(PreparedDelivery {
+            message: MessageRef {
+                message_id: message.message_id,
+                recipient,
+                document_id,
+                waiting_key,
+            },
+            payload,
+            urgency,
+            traceparent,
+            acker: inbound.acker,
+            transport_redelivered: inbound.redelivered,
+        }))
+    }
+
+    /// Records a batch of prepared deliveries as shown to `caller` (one store transaction;
+    /// the caller flushes before showing them) and registers their ack tokens.
+    fn record_shown(
+        &self,
+        caller: &AgencyCode,
+        stream_id: u64,
+        prepared: Vec<PreparedDelivery<AckerOf<T>>>,
+    ) -> Result<Vec<wire::Delivery>, HubError> {
+        let messages: Vec<&MessageRef> = prepared.iter().map(|p| &p.message).collect();
+        let shown_before = match self
+            .inner
+            .store
+            .mark_delivered(caller, &messages, now_unix_ms())
+        {
             Ok(shown_before) => shown_before,
             Err(error) => {
-                self.pending_acks().shown.remove(&pair);
+                self.unreserve(&prepared);
                 return Err(error.into());
             }
         };
-        let ack_token = format!("{:032x}", rand::random::<u128>());
-        // A hub's stream names the recipient and the message, which the hub forwards.
-        let (recipient, message_id) = if to_hub {
-            (
-                message_ref.recipient.to_string(),
-                message_ref.message_id.clone(),
-            )
-        } else {
-            (String::new(), String::new())
-        };
-        self.pending_acks().by_token.insert(
-            ack_token.clone(),
-            PendingAck {
-                stream_id,
-                holder: caller.clone(),
-                message: message_ref,
-                urgency,
-                traceparent,
-                acker: inbound.acker,
-            },
-        );
-        Ok(Some(wire::Delivery {
-            ack_token,
-            redelivered: inbound.redelivered || shown_before,
-            payload: Some(payload),
-            recipient,
-            message_id,
-        }))
+        let mut pending_acks = self.pending_acks();
+        let deliveries = prepared
+            .into_iter()
+            .zip(shown_before)
+            .map(|(prepared, shown_before)| {
+                let ack_token = format!("{:032x}", rand::random::<u128>());
+                // A hub's stream names the recipient and the message, which the hub forwards.
+                let (recipient, message_id) = if prepared.message.recipient != *caller {
+                    (
+                        prepared.message.recipient.to_string(),
+                        prepared.message.message_id.clone(),
+                    )
+                } else {
+                    (String::new(), String::new())
+                };
+                pending_acks.by_token.insert(
+                    ack_token.clone(),
+                    PendingAck {
+                        stream_id,
+                        holder: caller.clone(),
+                        message: prepared.message,
+                        urgency: prepared.urgency,
+                        traceparent: prepared.traceparent,
+                        acker: prepared.acker,
+                        settling: false,
+                    },
+                );
+                wire::Delivery {
+                    ack_token,
+                    redelivered: prepared.transport_redelivered || shown_before,
+                    payload: Some(prepared.payload),
+                    recipient,
+                    message_id,
+                }
+            })
+            .collect();
+        Ok(deliveries)
+    }
+
+    /// Lets go of the (message, recipient) pairs that prepared deliveries reserved, when they
+    /// will not be shown: their messages come again from the queue.
+    fn unreserve(&self, prepared: &[PreparedDelivery<AckerOf<T>>]) {
+        let mut pending_acks = self.pending_acks();
+        for delivery in prepared {
+            pending_acks
+                .shown
+                .remove(&PendingAcks::<AckerOf<T>>::pair(&delivery.message));
+        }
     }
 
     /// Settles a delivery: acknowledged ones are never shown again; rejected ones are retried.
@@ -676,10 +765,9 @@ impl<T: Transport> Hub<T> {
         ack_token: &str,
         outcome: AckOutcome<'_>,
     ) -> Result<(), HubError> {
-        let store = &self.inner.store;
-        let pending = {
+        let settling = {
             let mut pending_acks = self.pending_acks();
-            match pending_acks.by_token.get(ack_token) {
+            let undeliverable = match pending_acks.by_token.get_mut(ack_token) {
                 None => {
                     return Err(HubError::FailedPrecondition(format!(
                         "ack_token `{}` is unknown or its stream has closed; the delivery will be redelivered",
@@ -691,15 +779,17 @@ impl<T: Transport> Hub<T> {
                         "Ack: ack_token: agency {caller} may settle only its own deliveries"
                     )));
                 }
+                Some(pending) if pending.settling => {
+                    return Err(HubError::FailedPrecondition(format!(
+                        "ack_token `{ack_token}` is being settled by an earlier Ack"
+                    )));
+                }
                 Some(pending) => {
                     let to_hub = pending.holder != pending.message.recipient;
-                    let settlement = match outcome {
-                        AckOutcome::Acknowledged if to_hub => Some(Settlement::Forwarded {
-                            to_hub: pending.holder.as_str(),
-                        }),
-                        AckOutcome::Acknowledged => Some(Settlement::Acknowledged),
+                    let undeliverable = match outcome {
+                        AckOutcome::Acknowledged => Some(None),
                         AckOutcome::Undeliverable { reason } if to_hub => {
-                            Some(Settlement::Undeliverable { reason })
+                            Some(Some(reason.to_owned()))
                         }
                         AckOutcome::Undeliverable { .. } => {
                             return Err(HubError::invalid(
@@ -709,16 +799,46 @@ impl<T: Transport> Hub<T> {
                         }
                         AckOutcome::Rejected { .. } => None,
                     };
-                    if let Some(settlement) = settlement {
-                        // Recorded before the pair leaves the pending set, so that a copy being
-                        // prepared meanwhile finds one or the other.
-                        store.mark_settled(&pending.message, settlement, now_unix_ms())?;
-                    }
+                    pending.settling = undeliverable.is_some();
+                    undeliverable
+                }
+            };
+            match undeliverable {
+                // A rejection records nothing before the delivery leaves the pending set.
+                None => Settling::Now(
                     pending_acks
                         .remove(ack_token)
-                        .expect("present under the lock")
+                        .expect("present under the lock"),
+                ),
+                // Recorded before the pair leaves the pending set, so that a copy being
+                // prepared meanwhile finds one or the other.
+                Some(undeliverable) => {
+                    let (recorded, answer) = tokio::sync::oneshot::channel();
+                    pending_acks.settle_queue.push(QueuedSettlement {
+                        ack_token: ack_token.to_owned(),
+                        undeliverable,
+                        recorded,
+                    });
+                    if pending_acks.settle_queue.len() == 1 {
+                        // Lets the other `Ack`s that are ready join this transaction.
+                        let hub = self.clone();
+                        tokio::spawn(async move {
+                            tokio::task::yield_now().await;
+                            hub.record_settlements();
+                        });
+                    }
+                    Settling::Queued(answer)
                 }
             }
+        };
+        let pending = match settling {
+            Settling::Now(pending) => pending,
+            Settling::Queued(answer) => answer.await.map_err(|_| {
+                HubError::Unavailable(
+                    "the hub stopped before recording the settlement; the delivery will be redelivered"
+                        .into(),
+                )
+            })??,
         };
         let (reject, reason) = match outcome {
             AckOutcome::Rejected { reason } => (true, reason),
@@ -732,6 +852,58 @@ impl<T: Transport> Hub<T> {
         );
         crate::telemetry::set_parent(&span, &pending.traceparent);
         self.settle(pending, reject, reason).instrument(span).await
+    }
+
+    /// Records every queued settlement in one store transaction, under the lock of the pending
+    /// set as a single `Ack` would, and answers their `Ack`s.
+    fn record_settlements(&self) {
+        let mut pending_acks = self.pending_acks();
+        let queue = std::mem::take(&mut pending_acks.settle_queue);
+        let recorded = {
+            let settled: Vec<(&MessageRef, Settlement<'_>)> = queue
+                .iter()
+                .filter_map(|queued| {
+                    let pending = pending_acks.by_token.get(&queued.ack_token)?;
+                    let settlement = if pending.holder == pending.message.recipient {
+                        Settlement::Acknowledged
+                    } else if let Some(reason) = &queued.undeliverable {
+                        Settlement::Undeliverable { reason }
+                    } else {
+                        Settlement::Forwarded {
+                            to_hub: pending.holder.as_str(),
+                        }
+                    };
+                    Some((&pending.message, settlement))
+                })
+                .collect();
+            self.inner.store.mark_settled(&settled, now_unix_ms())
+        };
+        let mut abandoned = Vec::new();
+        for queued in queue {
+            let answer = match &recorded {
+                Ok(()) => match pending_acks.remove(&queued.ack_token) {
+                    Some(pending) => Ok(pending),
+                    None => continue,
+                },
+                Err(error) => {
+                    if let Some(pending) = pending_acks.by_token.get_mut(&queued.ack_token) {
+                        pending.settling = false;
+                    }
+                    Err(HubError::Unavailable(format!(
+                        "cannot record the settlement ({error}); retry the Ack"
+                    )))
+                }
+            };
+            if let Err(Ok(pending)) = queued.recorded.send(answer) {
+                abandoned.push(pending);
+            }
+        }
+        drop(pending_acks);
+        // An `Ack` whose caller went away: its settlement is on record, so finish it here.
+        for pending in abandoned {
+            let hub = self.clone();
+            tokio::spawn(async move { hub.settle(pending, false, "").await });
+        }
     }
 
     /// Completes an `ack` once the delivery is out of the pending set (and, for an

@@ -75,19 +75,23 @@ pub async fn run<T: Transport>(hub: Hub<T>, shutdown: CancellationToken) {
         );
         let results = futures_util::future::join_all(publishes).await;
         let mut first_failure = None;
+        let mut confirmed = Vec::with_capacity(batch.len());
         for (pending, result) in batch.iter().zip(results) {
             match result {
                 Ok(()) => {
                     hub.activity().enqueued(&pending.recipient);
-                    if let Err(error) = store.mark_enqueued(pending, now_unix_ms()) {
-                        tracing::error!(%error, message_id = %pending.message_id, "cannot record a confirmed publish");
-                    }
+                    confirmed.push(pending);
                 }
                 Err(error) => {
                     first_failure.get_or_insert((error, pending.recipient.clone()));
                 }
             }
         }
+        // A message whose confirm is not recorded stays in the outbox and is published again.
+        if let Err(error) = store.mark_enqueued(&confirmed, now_unix_ms()) {
+            tracing::error!(%error, messages = confirmed.len(), "cannot record confirmed publishes");
+        }
+        drop(confirmed);
         match first_failure {
             None => backoff = MIN_BACKOFF,
             Some((error, recipient)) => {

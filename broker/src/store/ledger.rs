@@ -865,7 +865,7 @@ mod tests {
     use super::*;
     use crate::agency::AgencyCode;
     use crate::receipt::ReceiptKind;
-    use crate::store::ReceiptDetail;
+    use crate::store::{MessageRef, ReceiptDetail, Settlement};
 
     async fn write_receipts(store: &Store, from: usize, to: usize) {
         for n in from..to {
@@ -947,6 +947,74 @@ mod tests {
                 checkpoint.tree_size
             );
         }
+    }
+
+    /// Deliveries and settlements recorded a batch at a time leave one receipt per message,
+    /// none for a hand-over to the next hub's stream, and all of them reach the ledger.
+    #[tokio::test]
+    async fn a_batch_of_deliveries_and_settlements_leaves_a_receipt_for_each() {
+        let (_dir, store) = new_store(CheckpointPolicy::default());
+        let district: AgencyCode = "000.00.31.H53".parse().expect("code");
+        let commune: AgencyCode = "000.21.31.H53".parse().expect("code");
+        let message = |n: u32, recipient: &AgencyCode| MessageRef {
+            message_id: format!("doc-{n}"),
+            recipient: recipient.clone(),
+            document_id: Some(format!("doc-{n}")),
+            waiting_key: Vec::new(),
+        };
+        let (first, second) = (message(1, &district), message(2, &district));
+        // Shown on the district's stream, but for a commune it serves as a hub would.
+        let handed_over = message(3, &commune);
+        let shown_before = store
+            .mark_delivered(&district, &[&first, &second, &handed_over], 1_000)
+            .expect("deliveries");
+        assert_eq!(shown_before, [false, false, false]);
+        let shown_before = store
+            .mark_delivered(&district, &[&second], 1_001)
+            .expect("a redelivery");
+        assert_eq!(shown_before, [true]);
+        store
+            .mark_settled(
+                &[
+                    (&first, Settlement::Acknowledged),
+                    (
+                        &handed_over,
+                        Settlement::Forwarded {
+                            to_hub: "000.00.31.H53",
+                        },
+                    ),
+                ],
+                1_002,
+            )
+            .expect("settlements");
+
+        let kinds = |document_id: &str| -> Vec<(ReceiptKind, String)> {
+            let receipts = store.receipts_of(document_id).expect("receipts");
+            receipts
+                .iter()
+                .map(|r| (r.kind(), r.detail.clone()))
+                .collect()
+        };
+        let delivered = (ReceiptKind::Delivered, String::new());
+        let acknowledged = (ReceiptKind::Acknowledged, String::new());
+        assert_eq!(kinds("doc-1"), [delivered.clone(), acknowledged]);
+        assert_eq!(kinds("doc-2"), [delivered.clone(), delivered]);
+        assert_eq!(
+            kinds("doc-3"),
+            [(ReceiptKind::Forwarded, "000.00.31.H53".to_owned())]
+        );
+        assert!(
+            store
+                .is_acknowledged("doc-1", "000.00.31.H53")
+                .expect("read")
+        );
+        assert!(
+            !store
+                .is_acknowledged("doc-2", "000.00.31.H53")
+                .expect("read")
+        );
+        wait_until_appended(&store).await;
+        assert_eq!(store.ledger_size(), 5);
     }
 
     /// Subtrees under 16 leaves are not stored but computed: proofs still reach the signed

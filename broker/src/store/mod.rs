@@ -537,28 +537,33 @@ impl Store {
         Ok(batch)
     }
 
-    /// Removes a published message from the outbox and, for documents, writes its ENQUEUED
-    /// receipt, in one transaction. Called only after the transport confirmed the message.
+    /// Removes published messages from the outbox and, for documents, writes their ENQUEUED
+    /// receipts, in one transaction. Called only after the transport confirmed each message.
+    /// One transaction for a whole batch of confirms: each sled transaction costs a log write.
     pub fn mark_enqueued(
         &self,
-        published: &PendingPublish,
+        published: &[&PendingPublish],
         now_unix_ms: i64,
     ) -> Result<(), StoreError> {
+        if published.is_empty() {
+            return Ok(());
+        }
         let inner = &*self.inner;
-        let body_of = published
-            .document_id
-            .as_ref()
-            .filter(|_| published.holds_body);
-        let receipt = published.document_id.as_ref().map(|document_id| {
-            self.new_receipt(
-                published.enqueued_seq[0],
-                document_id,
-                &published.recipient,
-                ReceiptKind::Enqueued,
-                now_unix_ms,
-                ReceiptDetail::default(),
-            )
-        });
+        let receipts: Vec<Option<wire::Receipt>> = published
+            .iter()
+            .map(|message| {
+                message.document_id.as_ref().map(|document_id| {
+                    self.new_receipt(
+                        message.enqueued_seq[0],
+                        document_id,
+                        &message.recipient,
+                        ReceiptKind::Enqueued,
+                        now_unix_ms,
+                        ReceiptDetail::default(),
+                    )
+                })
+            })
+            .collect();
         let result = (
             &inner.outbox,
             &inner.outbox_refs,
@@ -566,105 +571,152 @@ impl Store {
             &inner.receipts,
             &inner.receipts_by_document,
         )
-            .transaction(|(outbox, refs, bodies, receipts, by_document)| {
-                if outbox.remove(&published.key)?.is_none() {
-                    return Ok(false);
-                }
-                if let Some(document_id) = body_of {
-                    let remaining = refs
-                        .get(document_id.as_bytes())?
-                        .and_then(|v| <[u8; 4]>::try_from(&*v).ok())
-                        .map_or(0, u32::from_be_bytes)
-                        .saturating_sub(1);
-                    if remaining == 0 {
-                        refs.remove(document_id.as_bytes())?;
-                        bodies.remove(document_id.as_bytes())?;
-                    } else {
-                        refs.insert(document_id.as_bytes(), &remaining.to_be_bytes())?;
+            .transaction(|(outbox, refs, bodies, receipts_tree, by_document)| {
+                let mut removed = 0;
+                for (message, receipt) in published.iter().zip(&receipts) {
+                    if outbox.remove(&message.key)?.is_none() {
+                        continue;
+                    }
+                    removed += 1;
+                    if let Some(document_id) =
+                        message.document_id.as_ref().filter(|_| message.holds_body)
+                    {
+                        let remaining = refs
+                            .get(document_id.as_bytes())?
+                            .and_then(|v| <[u8; 4]>::try_from(&*v).ok())
+                            .map_or(0, u32::from_be_bytes)
+                            .saturating_sub(1);
+                        if remaining == 0 {
+                            refs.remove(document_id.as_bytes())?;
+                            bodies.remove(document_id.as_bytes())?;
+                        } else {
+                            refs.insert(document_id.as_bytes(), &remaining.to_be_bytes())?;
+                        }
+                    }
+                    if let Some(receipt) = receipt {
+                        insert_receipt(receipts_tree, by_document, receipt)?;
                     }
                 }
-                if let Some(receipt) = &receipt {
-                    insert_receipt(receipts, by_document, receipt)?;
-                }
-                Ok(true)
+                Ok(removed)
             });
-        if unwrap_transaction(result)? {
-            inner.outbox_len.fetch_sub(1, Ordering::Relaxed);
-        }
+        let removed = unwrap_transaction(result)?;
+        inner.outbox_len.fetch_sub(removed, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Records that a message was shown to its recipient, or to the next hub on its way
-    /// (`to_hub`, which writes no DELIVERED receipt: the recipient has not seen it). Returns
-    /// whether it had been shown before, which makes the delivery a redelivery even when the
-    /// transport does not know it.
+    /// Records that messages were shown to `holder`: to their recipient, or, for a message
+    /// whose recipient is another agency, to the next hub on its way (no DELIVERED receipt:
+    /// the recipient has not seen it). Returns, for each message, whether it had been shown
+    /// before, which makes the delivery a redelivery even when the transport does not know it.
+    /// One transaction for a whole batch of deliveries.
     pub fn mark_delivered(
         &self,
-        message: &MessageRef,
-        to_hub: bool,
+        holder: &AgencyCode,
+        messages: &[&MessageRef],
         now_unix_ms: i64,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Vec<bool>, StoreError> {
         let inner = &*self.inner;
-        let shown_before = inner
-            .delivered
-            .insert(
-                pair_key(&message.message_id, message.recipient.as_str()),
-                &[],
-            )?
-            .is_some();
-        if !to_hub {
-            self.append_document_receipt(
-                message,
-                ReceiptKind::Delivered,
-                now_unix_ms,
-                ReceiptDetail::default(),
-            )?;
-        }
-        Ok(shown_before)
+        let receipt_about = |message: &MessageRef| {
+            message
+                .document_id
+                .as_ref()
+                .filter(|_| message.recipient == *holder)
+                .is_some()
+        };
+        let receipt_count = messages.iter().filter(|m| receipt_about(m)).count();
+        let receipt_seqs = self.reserve_receipt_seqs(receipt_count)?;
+        let mut seqs = receipt_seqs.iter();
+        let receipts: Vec<Option<wire::Receipt>> = messages
+            .iter()
+            .map(|message| {
+                let document_id = message
+                    .document_id
+                    .as_ref()
+                    .filter(|_| receipt_about(message))?;
+                Some(self.new_receipt(
+                    *seqs.next().expect("one sequence number per receipt"),
+                    document_id,
+                    message.recipient.as_str(),
+                    ReceiptKind::Delivered,
+                    now_unix_ms,
+                    ReceiptDetail::default(),
+                ))
+            })
+            .collect();
+        let result = (
+            &inner.delivered,
+            &inner.receipts,
+            &inner.receipts_by_document,
+        )
+            .transaction(|(delivered, receipts_tree, by_document)| {
+                let mut shown_before = Vec::with_capacity(messages.len());
+                for (message, receipt) in messages.iter().zip(&receipts) {
+                    let pair = pair_key(&message.message_id, message.recipient.as_str());
+                    shown_before.push(delivered.insert(pair, &[])?.is_some());
+                    if let Some(receipt) = receipt {
+                        insert_receipt(receipts_tree, by_document, receipt)?;
+                    }
+                }
+                Ok(shown_before)
+            });
+        unwrap_transaction(result)
     }
 
-    /// Records that a message is settled for good ([`Settlement`]); it will never be shown
-    /// again.
+    /// Records that messages are settled for good ([`Settlement`]); they will never be shown
+    /// again. One transaction for all of them: each sled transaction costs a log write.
     pub fn mark_settled(
         &self,
-        message: &MessageRef,
-        settlement: Settlement<'_>,
+        settled: &[(&MessageRef, Settlement<'_>)],
         now_unix_ms: i64,
     ) -> Result<(), StoreError> {
         // The settled mark and its receipt go to disk together: a mark without its receipt
         // would drop every redelivery while `Track` still showed the document pending.
+        if settled.is_empty() {
+            return Ok(());
+        }
         let inner = &*self.inner;
-        let pair = pair_key(&message.message_id, message.recipient.as_str());
-        let (kind, detail) = match settlement {
-            Settlement::Acknowledged => (ReceiptKind::Acknowledged, String::new()),
-            Settlement::Forwarded { to_hub } => (ReceiptKind::Forwarded, to_hub.to_owned()),
-            Settlement::Undeliverable { reason } => (ReceiptKind::Rejected, reason.to_owned()),
-        };
-        let receipt_seqs = self.reserve_receipt_seqs(usize::from(message.document_id.is_some()))?;
-        let receipt = message.document_id.as_ref().map(|document_id| {
-            self.new_receipt(
-                receipt_seqs[0],
-                document_id,
-                message.recipient.as_str(),
-                kind,
-                now_unix_ms,
-                ReceiptDetail {
-                    detail: &detail,
-                    ..ReceiptDetail::default()
-                },
-            )
-        });
+        let receipt_count = settled
+            .iter()
+            .filter(|(message, _)| message.document_id.is_some())
+            .count();
+        let receipt_seqs = self.reserve_receipt_seqs(receipt_count)?;
+        let mut seqs = receipt_seqs.iter();
+        let receipts: Vec<Option<wire::Receipt>> = settled
+            .iter()
+            .map(|(message, settlement)| {
+                let document_id = message.document_id.as_ref()?;
+                let (kind, detail) = match settlement {
+                    Settlement::Acknowledged => (ReceiptKind::Acknowledged, ""),
+                    Settlement::Forwarded { to_hub } => (ReceiptKind::Forwarded, *to_hub),
+                    Settlement::Undeliverable { reason } => (ReceiptKind::Rejected, *reason),
+                };
+                Some(self.new_receipt(
+                    *seqs.next().expect("one sequence number per receipt"),
+                    document_id,
+                    message.recipient.as_str(),
+                    kind,
+                    now_unix_ms,
+                    ReceiptDetail {
+                        detail,
+                        ..ReceiptDetail::default()
+                    },
+                ))
+            })
+            .collect();
         let result = (
             &inner.settled,
             &inner.receipts,
             &inner.receipts_by_document,
             &inner.waiting,
         )
-            .transaction(|(settled, receipts, by_document, waiting)| {
-                settled.insert(pair.as_slice(), &[])?;
-                waiting.remove(message.waiting_key.as_slice())?;
-                if let Some(receipt) = &receipt {
-                    insert_receipt(receipts, by_document, receipt)?;
+            .transaction(|(settled_tree, receipts_tree, by_document, waiting)| {
+                for ((message, _), receipt) in settled.iter().zip(&receipts) {
+                    let pair = pair_key(&message.message_id, message.recipient.as_str());
+                    settled_tree.insert(pair, &[])?;
+                    waiting.remove(message.waiting_key.as_slice())?;
+                    if let Some(receipt) = receipt {
+                        insert_receipt(receipts_tree, by_document, receipt)?;
+                    }
                 }
                 Ok(())
             });
