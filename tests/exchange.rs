@@ -281,10 +281,35 @@ async fn sending_is_idempotent_on_the_document_id<K: Into<Kind>>(kind: K) {
         conflict.message()
     );
 
+    // Sent eight times at once, a document is still accepted once: copies recorded in the
+    // same transaction find the first.
+    let at_once = document(COMMUNE, &[DISTRICT], "Công văn");
+    let answers = futures_util::future::join_all((0..8).map(|_| {
+        let mut commune = commune.clone();
+        let request = wire::SendRequest {
+            document: Some(at_once.clone()),
+        };
+        async move {
+            commune
+                .send(request)
+                .await
+                .expect("send at once")
+                .into_inner()
+        }
+    }))
+    .await;
+    assert_eq!(answers[0].receipts.len(), 1, "{answers:?}");
+    assert!(
+        answers.iter().all(|answer| *answer == answers[0]),
+        "every copy answers the first result: {answers:?}"
+    );
+
     let mut stream = open_stream(&mut district).await;
-    let delivery = next_delivery(&mut stream).await;
-    assert_eq!(without_trace(delivered_document(&delivery)), original);
-    ack(&mut district, &delivery).await;
+    for expected in [&original, &at_once] {
+        let delivery = next_delivery(&mut stream).await;
+        assert_eq!(&without_trace(delivered_document(&delivery)), expected);
+        ack(&mut district, &delivery).await;
+    }
     assert_no_delivery(&mut stream, QUIET).await;
     hub.finish().await;
 }

@@ -371,7 +371,11 @@ impl<T: Transport> Hub<T> {
         let span = tracing::Span::current();
         span.record("document_id", document.id.as_str());
         let traceparent = crate::telemetry::traceparent_of(&span);
-        let receipts = match inner.store.accept_document(&document, &traceparent, now)? {
+        let receipts = match inner
+            .store
+            .accept_document(&document, &traceparent, now)
+            .await?
+        {
             Acceptance::Accepted(receipts) | Acceptance::AlreadyAccepted(receipts) => receipts,
             Acceptance::Conflict => {
                 return Err(HubError::AlreadyExists(format!(

@@ -37,15 +37,15 @@ use prost::Message;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
 use tokio::sync::{Notify, watch};
 
 /// The page cache of a store opened without a setting (`[storage] cache_mib`'s default).
 pub const DEFAULT_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// A storage failure. Never shown to callers in detail beyond its message.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error(
         "cannot open the hub's database in {data_dir}: {source}; the hub refuses to start rather than start empty (restore or move the directory)"
@@ -124,6 +124,32 @@ pub struct MessageRef {
     pub waiting_key: Vec<u8>,
 }
 
+/// A document's writes, made ready for the transaction that records a batch of documents.
+#[derive(Debug)]
+struct PreparedDocument {
+    id: String,
+    content_sha256: Vec<u8>,
+    /// The encoded `StoredDocument`.
+    stored: Vec<u8>,
+    /// The encoded wire document, kept until every outbox entry is published.
+    body: Vec<u8>,
+    /// Its key in `references`, when it answers another document.
+    reference: Option<Vec<u8>>,
+    /// One outbox entry (key, value) per recipient, and the recipient's `waiting` key.
+    outbox: Vec<([u8; 9], Vec<u8>)>,
+    waiting: Vec<Vec<u8>>,
+    /// One ACCEPTED receipt per recipient.
+    accepted: Vec<wire::Receipt>,
+    /// Their sequence numbers, open until the transaction has ended.
+    _receipt_seqs: ReservedSeqs,
+}
+
+/// A document waiting for [`Store::record_acceptances`], and where its answer goes.
+type QueuedDocument = (
+    PreparedDocument,
+    tokio::sync::oneshot::Sender<Result<Acceptance, StoreError>>,
+);
+
 /// Handle to the hub's database; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -152,6 +178,8 @@ struct StoreInner {
     receipt_seqs: Arc<ReceiptSeqs>,
     ledger: ledger::LedgerTrees,
     outbox_len: AtomicU64,
+    /// Documents waiting to be recorded together ([`Store::accept_document`]).
+    accept_queue: std::sync::Mutex<Vec<QueuedDocument>>,
     group_commit: Arc<GroupCommit>,
     flusher: tokio::task::AbortHandle,
 }
@@ -236,6 +264,7 @@ impl Store {
                 ledger,
                 outbox,
                 outbox_len,
+                accept_queue: std::sync::Mutex::new(Vec::new()),
                 group_commit,
                 flusher,
                 db,
@@ -267,37 +296,104 @@ impl Store {
 
     /// Takes custody of a validated document: records it, queues one outbox entry per recipient
     /// and writes their ACCEPTED receipts, atomically. Not yet durable: see [`Store::durable`].
-    pub fn accept_document(
+    ///
+    /// Documents accepted concurrently are recorded together, in one transaction: the first
+    /// of them spawns a task that, after a yield, takes every one queued by then (each sled
+    /// transaction costs a log write).
+    pub async fn accept_document(
         &self,
         document: &Document,
         traceparent: &str,
         now_unix_ms: i64,
     ) -> Result<Acceptance, StoreError> {
-        let inner = &*self.inner;
-        let stored = stored_document(document, now_unix_ms).encode_to_vec();
-        let body = document.wire.encode_to_vec();
-        let mut outbox_seqs = Vec::with_capacity(document.to.len());
-        for _ in 0..document.to.len() {
-            outbox_seqs.push(inner.db.generate_id()?);
+        let prepared = self.prepare_document(document, traceparent, now_unix_ms)?;
+        let (answer_to, answer) = tokio::sync::oneshot::channel();
+        let leads = {
+            let mut queue = self
+                .inner
+                .accept_queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            queue.push((prepared, answer_to));
+            queue.len() == 1
+        };
+        if leads {
+            let store = self.clone();
+            tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                store.record_acceptances();
+            });
         }
+        answer
+            .await
+            .map_err(|_| StoreError::Corrupt("the task recording documents stopped".into()))?
+    }
+
+    /// Everything [`Store::accept_document`] writes for one document, made ready outside the
+    /// transaction.
+    fn prepare_document(
+        &self,
+        document: &Document,
+        traceparent: &str,
+        now_unix_ms: i64,
+    ) -> Result<PreparedDocument, StoreError> {
         let receipt_seqs = self.reserve_receipt_seqs(document.to.len())?;
+        let mut outbox = Vec::with_capacity(document.to.len());
+        let mut waiting = Vec::with_capacity(document.to.len());
+        let mut accepted = Vec::with_capacity(document.to.len());
+        for (recipient, seq) in document.to.iter().zip(receipt_seqs.iter()) {
+            outbox.push((
+                outbox_key(document.urgency.value(), self.inner.db.generate_id()?),
+                document_entry(document, recipient, traceparent, now_unix_ms),
+            ));
+            waiting.push(waiting_key(
+                recipient.as_str(),
+                document.urgency.value(),
+                now_unix_ms,
+                &document.id,
+            ));
+            accepted.push(self.new_receipt(
+                *seq,
+                &document.id,
+                recipient.as_str(),
+                ReceiptKind::Accepted,
+                now_unix_ms,
+                ReceiptDetail::default(),
+            ));
+        }
+        let reference = Some(&document.wire.references_document_id)
+            .filter(|referenced| !referenced.is_empty())
+            .map(|referenced| {
+                let mut key = referenced.as_bytes().to_vec();
+                key.push(0);
+                key.extend_from_slice(document.id.as_bytes());
+                key
+            });
+        Ok(PreparedDocument {
+            id: document.id.clone(),
+            content_sha256: document.content_sha256.to_vec(),
+            stored: stored_document(document, now_unix_ms).encode_to_vec(),
+            body: document.wire.encode_to_vec(),
+            reference,
+            outbox,
+            waiting,
+            accepted,
+            _receipt_seqs: receipt_seqs,
+        })
+    }
 
-        let accepted: Vec<wire::Receipt> = document
-            .to
-            .iter()
-            .enumerate()
-            .map(|(index, recipient)| {
-                self.new_receipt(
-                    receipt_seqs[index],
-                    &document.id,
-                    recipient.as_str(),
-                    ReceiptKind::Accepted,
-                    now_unix_ms,
-                    ReceiptDetail::default(),
-                )
-            })
-            .collect();
-
+    /// Records the documents queued by [`Store::accept_document`] in one transaction and
+    /// answers each.
+    fn record_acceptances(&self) {
+        let inner = &*self.inner;
+        let (prepared, answers): (Vec<_>, Vec<_>) = std::mem::take(
+            &mut *inner
+                .accept_queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+        .into_iter()
+        .unzip();
         let result = (
             &inner.documents,
             &inner.document_bodies,
@@ -310,60 +406,69 @@ impl Store {
         )
             .transaction(
                 |(documents, bodies, refs, outbox, receipts, by_document, waiting, references)| {
-                    if let Some(existing) = documents.get(document.id.as_bytes())? {
-                        return Ok(Some(existing));
+                    let mut found = Vec::with_capacity(prepared.len());
+                    for document in &prepared {
+                        let id = document.id.as_bytes();
+                        if let Some(existing) = documents.get(id)? {
+                            found.push(Some(existing));
+                            continue;
+                        }
+                        found.push(None);
+                        documents.insert(id, document.stored.as_slice())?;
+                        if let Some(reference) = &document.reference {
+                            references.insert(reference.as_slice(), &[])?;
+                        }
+                        bodies.insert(id, document.body.as_slice())?;
+                        refs.insert(id, &(document.outbox.len() as u32).to_be_bytes())?;
+                        for ((key, entry), waiting_key) in
+                            document.outbox.iter().zip(&document.waiting)
+                        {
+                            outbox.insert(key, entry.as_slice())?;
+                            waiting.insert(waiting_key.as_slice(), &[])?;
+                        }
+                        for receipt in &document.accepted {
+                            insert_receipt(receipts, by_document, receipt)?;
+                        }
                     }
-                    documents.insert(document.id.as_bytes(), stored.as_slice())?;
-                    if !document.wire.references_document_id.is_empty() {
-                        let mut key = document.wire.references_document_id.as_bytes().to_vec();
-                        key.push(0);
-                        key.extend_from_slice(document.id.as_bytes());
-                        references.insert(key, &[])?;
-                    }
-                    bodies.insert(document.id.as_bytes(), body.as_slice())?;
-                    refs.insert(
-                        document.id.as_bytes(),
-                        &(document.to.len() as u32).to_be_bytes(),
-                    )?;
-                    for (index, recipient) in document.to.iter().enumerate() {
-                        outbox.insert(
-                            &outbox_key(document.urgency.value(), outbox_seqs[index]),
-                            document_entry(document, recipient, traceparent, now_unix_ms),
-                        )?;
-                        waiting.insert(
-                            waiting_key(
-                                recipient.as_str(),
-                                document.urgency.value(),
-                                now_unix_ms,
-                                &document.id,
-                            ),
-                            &[],
-                        )?;
-                    }
-                    for receipt in &accepted {
-                        insert_receipt(receipts, by_document, receipt)?;
-                    }
-                    Ok(None)
+                    Ok(found)
                 },
             );
-        let existing = unwrap_transaction(result)?;
-        if let Some(existing) = existing {
-            let existing =
-                wire::StoredDocument::decode(&*existing).map_err(corrupt("documents"))?;
-            if existing.content_sha256 == document.content_sha256 {
-                let accepted = self
-                    .receipts_of(&document.id)?
-                    .into_iter()
-                    .filter(|r| r.kind() == ReceiptKind::Accepted)
-                    .collect();
-                return Ok(Acceptance::AlreadyAccepted(accepted));
+        match unwrap_transaction(result) {
+            Ok(found) => {
+                for ((document, answer), existing) in prepared.into_iter().zip(answers).zip(found) {
+                    let _ = answer.send(self.acceptance_of(document, existing));
+                }
             }
+            Err(error) => {
+                for answer in answers {
+                    let _ = answer.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+
+    /// What became of a recorded document, given what its id named before.
+    fn acceptance_of(
+        &self,
+        document: PreparedDocument,
+        existing: Option<sled::IVec>,
+    ) -> Result<Acceptance, StoreError> {
+        let Some(existing) = existing else {
+            self.inner
+                .outbox_len
+                .fetch_add(document.outbox.len() as u64, Ordering::Relaxed);
+            return Ok(Acceptance::Accepted(document.accepted));
+        };
+        let existing = wire::StoredDocument::decode(&*existing).map_err(corrupt("documents"))?;
+        if existing.content_sha256 != document.content_sha256 {
             return Ok(Acceptance::Conflict);
         }
-        inner
-            .outbox_len
-            .fetch_add(document.to.len() as u64, Ordering::Relaxed);
-        Ok(Acceptance::Accepted(accepted))
+        let accepted = self
+            .receipts_of(&document.id)?
+            .into_iter()
+            .filter(|r| r.kind() == ReceiptKind::Accepted)
+            .collect();
+        Ok(Acceptance::AlreadyAccepted(accepted))
     }
 
     /// Queues a status report for each of `recipients` and writes a STATUS_REPORTED receipt for
