@@ -457,10 +457,25 @@ impl HubProcess {
 
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Below Linux's ephemeral range (32768 and up), so that no outgoing connection and no
+    // `bind(0)` takes a port between this call and the hub's bind, and above RabbitMQ's
+    // inter-node port (25672), which a restarted RabbitMQ must find free; a counter of this
+    // test process, so that two tests never get the same port. Each process starts at its own
+    // offset, and a port found in use is skipped.
+    const FIRST: u16 = 26_000;
+    const LAST: u16 = 32_767;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let offset = std::process::id() % 100 * 60;
+    let span = u32::from(LAST - FIRST) + 1;
+    for _ in 0..span {
+        let step = (offset + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = FIRST + u16::try_from(step).expect("below the span");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {FIRST} and {LAST}")
 }
 
 /// Waits until every receipt written so far is in the ledger of the hub at `endpoint` and
