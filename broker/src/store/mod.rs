@@ -721,23 +721,23 @@ impl Store {
         now_unix_ms: i64,
     ) -> Result<Vec<bool>, StoreError> {
         let inner = &*self.inner;
-        let receipt_about = |message: &MessageRef| {
+        // The document a DELIVERED receipt is about: none for a hand-over or a status report.
+        fn receipt_about<'m>(message: &'m MessageRef, holder: &AgencyCode) -> Option<&'m String> {
             message
                 .document_id
                 .as_ref()
                 .filter(|_| message.recipient == *holder)
-                .is_some()
-        };
-        let receipt_count = messages.iter().filter(|m| receipt_about(m)).count();
+        }
+        let receipt_count = messages
+            .iter()
+            .filter_map(|m| receipt_about(m, holder))
+            .count();
         let receipt_seqs = self.reserve_receipt_seqs(receipt_count)?;
         let mut seqs = receipt_seqs.iter();
         let receipts: Vec<Option<wire::Receipt>> = messages
             .iter()
             .map(|message| {
-                let document_id = message
-                    .document_id
-                    .as_ref()
-                    .filter(|_| receipt_about(message))?;
+                let document_id = receipt_about(message, holder)?;
                 Some(self.new_receipt(
                     *seqs.next().expect("one sequence number per receipt"),
                     document_id,
@@ -1488,13 +1488,6 @@ fn receipts_end(receipts: &sled::Tree) -> Result<u64, StoreError> {
         .map_or(0, |key| u64::from_be_bytes(key) + 1))
 }
 
-fn last_seq(receipts: &sled::Tree) -> Result<u64, StoreError> {
-    Ok(receipts
-        .last()?
-        .and_then(|(key, _)| <[u8; 8]>::try_from(&*key).ok())
-        .map_or(0, u64::from_be_bytes))
-}
-
 /// Groups the flushes of concurrent writers: each waiter takes a ticket after its write, and one
 /// flush that starts after a ticket was taken makes that ticket's write durable.
 #[derive(Debug)]
@@ -1533,7 +1526,7 @@ impl GroupCommit {
                 continue;
             }
             // Taken before the flush starts, so the flush covers the receipt it names.
-            let high = last_seq(&receipts).unwrap_or(0);
+            let high = receipts_end(&receipts).map_or(0, |end| end.saturating_sub(1));
             let db = db.clone();
             match tokio::task::spawn_blocking(move || db.flush()).await {
                 Ok(Ok(_)) => {
