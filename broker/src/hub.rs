@@ -119,6 +119,9 @@ struct PendingAck<A> {
     /// Its settlement is queued for recording ([`Hub::record_settlements`]): a second `Ack`
     /// is refused and the closing of its stream leaves it alone.
     settling: bool,
+    /// Its stream closed while it was settling: if the recording fails, it is forgotten as the
+    /// stream's other deliveries were, instead of waiting for an `Ack` that cannot come.
+    stream_closed: bool,
 }
 
 /// An `Ack` waiting for its settlement to be recorded together with the others queued
@@ -186,14 +189,31 @@ impl<A> PendingAcks<A> {
     }
 
     fn forget_stream(&mut self, stream_id: u64) {
-        let tokens: Vec<String> = self
-            .by_token
-            .iter()
-            .filter(|(_, pending)| pending.stream_id == stream_id && !pending.settling)
-            .map(|(token, _)| token.clone())
-            .collect();
+        let mut tokens = Vec::new();
+        for (token, pending) in &mut self.by_token {
+            if pending.stream_id != stream_id {
+                continue;
+            }
+            if pending.settling {
+                pending.stream_closed = true;
+            } else {
+                tokens.push(token.clone());
+            }
+        }
         for token in tokens {
             self.remove(&token);
+        }
+    }
+
+    /// The settlement of `ack_token` could not be recorded: the delivery waits for another
+    /// `Ack`, or, if its stream has closed meanwhile, is forgotten (and so redelivered).
+    fn settlement_failed(&mut self, ack_token: &str) {
+        match self.by_token.get_mut(ack_token) {
+            Some(pending) if pending.stream_closed => {
+                self.remove(ack_token);
+            }
+            Some(pending) => pending.settling = false,
+            None => {}
         }
     }
 }
@@ -737,6 +757,7 @@ impl<T: Transport> Hub<T> {
                         traceparent: prepared.traceparent,
                         acker: prepared.acker,
                         settling: false,
+                        stream_closed: false,
                     },
                 );
                 wire::Delivery {
@@ -890,9 +911,7 @@ impl<T: Transport> Hub<T> {
                     None => continue,
                 },
                 Err(error) => {
-                    if let Some(pending) = pending_acks.by_token.get_mut(&queued.ack_token) {
-                        pending.settling = false;
-                    }
+                    pending_acks.settlement_failed(&queued.ack_token);
                     Err(HubError::Unavailable(format!(
                         "cannot record the settlement ({error}); retry the Ack"
                     )))
@@ -1147,5 +1166,60 @@ mod tests {
             .collect();
         assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
         assert_eq!(retry_backoff(u32::MAX, base, max), max);
+    }
+
+    fn pending_on(stream_id: u64, message_id: &str) -> PendingAck<()> {
+        let recipient: AgencyCode = "000.21.31.H53".parse().expect("agency code");
+        PendingAck {
+            stream_id,
+            holder: recipient.clone(),
+            message: MessageRef {
+                message_id: message_id.to_owned(),
+                recipient,
+                document_id: Some(message_id.to_owned()),
+                waiting_key: Vec::new(),
+            },
+            urgency: 0,
+            traceparent: String::new(),
+            acker: (),
+            settling: false,
+            stream_closed: false,
+        }
+    }
+
+    #[test]
+    fn a_failed_settlement_is_forgotten_only_once_its_stream_has_closed() {
+        let mut pending_acks = PendingAcks::<()>::default();
+        for (token, stream_id) in [("open", 1), ("closing", 2), ("idle", 2)] {
+            let pending = pending_on(stream_id, token);
+            pending_acks
+                .shown
+                .insert(PendingAcks::<()>::pair(&pending.message));
+            pending_acks.by_token.insert(token.to_owned(), pending);
+        }
+        for token in ["open", "closing"] {
+            pending_acks
+                .by_token
+                .get_mut(token)
+                .expect("pending")
+                .settling = true;
+        }
+        // Closing stream 2 forgets its idle delivery and leaves the settling one alone.
+        pending_acks.forget_stream(2);
+        assert!(!pending_acks.by_token.contains_key("idle"));
+        assert!(pending_acks.by_token["closing"].stream_closed);
+        assert!(!pending_acks.by_token["open"].stream_closed);
+        // Both recordings fail: the delivery on the open stream waits for another `Ack`, the
+        // one whose stream closed is forgotten with its pair.
+        pending_acks.settlement_failed("open");
+        pending_acks.settlement_failed("closing");
+        assert!(!pending_acks.by_token["open"].settling);
+        assert!(!pending_acks.by_token.contains_key("closing"));
+        let shown: Vec<&str> = pending_acks
+            .shown
+            .iter()
+            .map(|(message_id, _)| message_id.as_str())
+            .collect();
+        assert_eq!(shown, ["open"]);
     }
 }
