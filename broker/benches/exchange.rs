@@ -8,7 +8,8 @@
 //!
 //! Then two cases of their own:
 //! - **open loop**: documents offered at a fixed rate (500 a second), whatever the answers, to
-//!   read the end-to-end latency of a hub that is not saturated;
+//!   read the end-to-end latency of a hub that is not saturated, then the same load on lapin
+//!   alone (`open-loop raw`), to read the transport's own share of that latency;
 //! - **restart**: a hub with 100,000 documents in its outbox (RabbitMQ unreachable) is killed
 //!   (SIGKILL) and started again; the time until it answers `Send` again.
 //!
@@ -153,6 +154,21 @@ fn main() {
             open.hub_peak_rss_mib
         ));
         assert!(open.delivered_per_s > 0.0);
+        let raw = runtime.block_on(raw_open_loop(rate, seconds, 16 * 1024));
+        println!(
+            "bench open-loop raw size=16KiB offered={rate}/s: confirm-p50 {:.1}ms confirm-p99 {:.1}ms e2e-p50 {:.1}ms e2e-p99 {:.1}ms e2e-p99.9 {:.1}ms",
+            raw.confirm_ms.p50, raw.confirm_ms.p99, raw.e2e_ms.p50, raw.e2e_ms.p99, raw.e2e_ms.p999
+        );
+        json.push(format!(
+            "{{\"case\":\"open-loop-raw\",\"size_bytes\":{},\"offered_per_s\":{rate},\"confirm_ms\":{{\"p50\":{:.3},\"p99\":{:.3}}},\"e2e_ms\":{{\"p50\":{:.3},\"p99\":{:.3},\"p999\":{:.3}}}}}",
+            16 * 1024,
+            raw.confirm_ms.p50,
+            raw.confirm_ms.p99,
+            raw.e2e_ms.p50,
+            raw.e2e_ms.p99,
+            raw.e2e_ms.p999
+        ));
+        assert!(raw.e2e_ms.p50 > 0.0);
     }
     if run_named("restart") {
         let waiting = if full { 100_000 } else { 200 };
@@ -248,45 +264,105 @@ async fn run_case(case: Case) -> Outcome {
     outcome
 }
 
+/// A quorum queue of the raw cases, with one consumer on a channel of its own.
+struct RawQueue {
+    connection: lapin::Connection,
+    setup: lapin::Channel,
+    consumer_channel: lapin::Channel,
+    name: String,
+}
+
+impl RawQueue {
+    /// Declares a durable quorum queue of its own and starts consuming it with `PREFETCH`.
+    async fn declare() -> (RawQueue, lapin::Consumer) {
+        let connection =
+            lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+                .await
+                .expect("RabbitMQ");
+        let name = format!("lt-bench-raw-{:08x}", rand::random::<u32>());
+        let setup = connection.create_channel().await.expect("channel");
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+        setup
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                arguments,
+            )
+            .await
+            .expect("declare");
+        let consumer_channel = connection.create_channel().await.expect("channel");
+        consumer_channel
+            .basic_qos(PREFETCH, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        let consumer = consumer_channel
+            .basic_consume(
+                name.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        let queue = RawQueue {
+            connection,
+            setup,
+            consumer_channel,
+            name,
+        };
+        (queue, consumer)
+    }
+
+    /// A channel in confirm mode, to publish on.
+    async fn publisher(&self) -> lapin::Channel {
+        let channel = self.connection.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+        channel
+    }
+
+    /// Publishes one persistent message to the queue and waits for its confirm.
+    async fn publish(channel: &lapin::Channel, queue: &str, payload: &[u8]) {
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                payload,
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack());
+    }
+
+    async fn delete(self) {
+        // The consumer's channel goes first: deleting a queue under a live consumer makes the
+        // broker cancel it unasked.
+        let _ = self.consumer_channel.close(200, "done".into()).await;
+        self.setup
+            .queue_delete(self.name.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .expect("delete");
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+}
+
 /// lapin alone: `senders` tasks publish persistent messages with confirms to a quorum queue
 /// while one consumer acks them. Returns messages per second, first publish to last ack.
 async fn raw_transport(case: Case) -> f64 {
-    let connection =
-        lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
-            .await
-            .expect("RabbitMQ");
-    let queue = format!("lt-bench-raw-{:08x}", rand::random::<u32>());
-    let setup = connection.create_channel().await.expect("channel");
-    let mut arguments = FieldTable::default();
-    arguments.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
-    setup
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            arguments,
-        )
-        .await
-        .expect("declare");
-    let consumer_channel = connection.create_channel().await.expect("channel");
-    consumer_channel
-        .basic_qos(PREFETCH, BasicQosOptions::default())
-        .await
-        .expect("qos");
-    let mut consumer = consumer_channel
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
+    let (queue, mut consumer) = RawQueue::declare().await;
     let total = case.documents;
     let consuming = tokio::spawn(async move {
         use futures_util::StreamExt;
@@ -301,44 +377,83 @@ async fn raw_transport(case: Case) -> f64 {
     let start = Instant::now();
     let mut publishers = JoinSet::new();
     for sender in 0..case.senders {
-        let channel = connection.create_channel().await.expect("channel");
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .expect("confirms");
-        let queue = queue.clone();
+        let channel = queue.publisher().await;
+        let name = queue.name.clone();
         let payload = payload.clone();
         let count = share(case.documents, case.senders, sender);
         publishers.spawn(async move {
             for _ in 0..count {
-                let confirm = channel
-                    .basic_publish(
-                        "".into(),
-                        queue.as_str().into(),
-                        BasicPublishOptions::default(),
-                        &payload,
-                        lapin::BasicProperties::default().with_delivery_mode(2),
-                    )
-                    .await
-                    .expect("publish")
-                    .await
-                    .expect("confirm");
-                assert!(confirm.is_ack());
+                RawQueue::publish(&channel, &name, &payload).await;
             }
         });
     }
     while publishers.join_next().await.is_some() {}
     consuming.await.expect("consumer");
     let elapsed = start.elapsed();
-    // The consumer's channel goes first: deleting a queue under a live consumer makes the
-    // broker cancel it unasked.
-    let _ = consumer_channel.close(200, "done".into()).await;
-    setup
-        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .expect("delete");
-    let _ = connection.close(200, "done".into()).await;
+    queue.delete().await;
     case.documents as f64 / elapsed.as_secs_f64()
+}
+
+/// What the raw open-loop case measured: publish-to-confirm and publish-to-consume latencies.
+#[derive(Debug, Default)]
+struct RawOpenLoop {
+    confirm_ms: Percentiles,
+    e2e_ms: Percentiles,
+}
+
+/// lapin alone at a fixed rate: `rate` persistent messages of `size` bytes a second for
+/// `seconds`, each published on schedule over 16 confirm channels, to a quorum queue whose
+/// consumer acks them. The transport's own latency under the open-loop case's load.
+async fn raw_open_loop(rate: u32, seconds: u32, size: usize) -> RawOpenLoop {
+    let (queue, mut consumer) = RawQueue::declare().await;
+    let total = (rate * seconds) as usize;
+    let sent_at: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; total]));
+    let consuming = {
+        let sent_at = sent_at.clone();
+        tokio::spawn(async move {
+            use futures_util::StreamExt;
+            let mut e2e = Vec::with_capacity(total);
+            while e2e.len() < total {
+                let delivery = consumer.next().await.expect("open").expect("delivery");
+                let index = u64::from_be_bytes(delivery.data[..8].try_into().expect("index"));
+                if let Some(sent) = sent_at.lock().expect("lock")[index as usize] {
+                    e2e.push(sent.elapsed());
+                }
+                delivery.ack(BasicAckOptions::default()).await.expect("ack");
+            }
+            e2e
+        })
+    };
+    let mut channels = Vec::new();
+    for _ in 0..16 {
+        channels.push(Arc::new(queue.publisher().await));
+    }
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut publishes = JoinSet::new();
+    for n in 0..total {
+        ticker.tick().await;
+        let channel = channels[n % channels.len()].clone();
+        let name = queue.name.clone();
+        let mut payload = vec![b'x'; size];
+        payload[..8].copy_from_slice(&(n as u64).to_be_bytes());
+        let began = Instant::now();
+        sent_at.lock().expect("lock")[n] = Some(began);
+        publishes.spawn(async move {
+            RawQueue::publish(&channel, &name, &payload).await;
+            began.elapsed()
+        });
+    }
+    let mut confirm_latencies = Vec::with_capacity(total);
+    while let Some(latency) = publishes.join_next().await {
+        confirm_latencies.push(latency.expect("publish task"));
+    }
+    let e2e = consuming.await.expect("consumer");
+    queue.delete().await;
+    RawOpenLoop {
+        confirm_ms: percentiles(confirm_latencies),
+        e2e_ms: percentiles(e2e),
+    }
 }
 
 /// The n-th sender's share of `total`.
