@@ -428,32 +428,48 @@ async fn raw_open_loop(rate: u32, seconds: u32, size: usize) -> RawOpenLoop {
     for _ in 0..16 {
         channels.push(Arc::new(queue.publisher().await));
     }
-    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut publishes = JoinSet::new();
-    for n in 0..total {
-        ticker.tick().await;
+    let confirm_latencies = offer_at_rate(rate, total, |n, began| {
         let channel = channels[n % channels.len()].clone();
         let name = queue.name.clone();
         let mut payload = vec![b'x'; size];
         payload[..8].copy_from_slice(&(n as u64).to_be_bytes());
-        let began = Instant::now();
         sent_at.lock().expect("lock")[n] = Some(began);
-        publishes.spawn(async move {
-            RawQueue::publish(&channel, &name, &payload).await;
-            began.elapsed()
-        });
-    }
-    let mut confirm_latencies = Vec::with_capacity(total);
-    while let Some(latency) = publishes.join_next().await {
-        confirm_latencies.push(latency.expect("publish task"));
-    }
+        async move { RawQueue::publish(&channel, &name, &payload).await }
+    })
+    .await;
     let e2e = consuming.await.expect("consumer");
     queue.delete().await;
     RawOpenLoop {
         confirm_ms: percentiles(confirm_latencies),
         e2e_ms: percentiles(e2e),
     }
+}
+
+/// Starts `total` operations at `rate` a second, the n-th made by `start(n, began)` and run
+/// on a task of its own on schedule, whether or not the earlier ones have finished; resolves
+/// to each one's latency, from `began` to its end.
+async fn offer_at_rate<F, Operation>(rate: u32, total: usize, mut start: F) -> Vec<Duration>
+where
+    F: FnMut(usize, Instant) -> Operation,
+    Operation: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut running = JoinSet::new();
+    for n in 0..total {
+        ticker.tick().await;
+        let began = Instant::now();
+        let operation = start(n, began);
+        running.spawn(async move {
+            operation.await;
+            began.elapsed()
+        });
+    }
+    let mut latencies = Vec::with_capacity(total);
+    while let Some(latency) = running.join_next().await {
+        latencies.push(latency.expect("an operation of the open loop"));
+    }
+    latencies
 }
 
 /// The n-th sender's share of `total`.
@@ -585,34 +601,25 @@ async fn open_loop(rate: u32, seconds: u32, size: usize) -> OpenLoop {
     }
     let cpu_before = cpu_seconds(pid);
     let start = Instant::now();
-    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut sends = JoinSet::new();
-    for n in 0..total {
-        ticker.tick().await;
+    let send_latencies = offer_at_rate(rate, total, |n, began| {
         let mut client = clients[n % clients.len()].clone();
         let mut doc = document(COMMUNE, &[DISTRICT], &format!("open loop {n}"));
         doc.document_id = unique_id("open", 0, n);
         doc.body = vec![b'x'; size];
-        let began = Instant::now();
         sent_at
             .lock()
             .expect("lock")
             .insert(doc.document_id.clone(), began);
-        sends.spawn(async move {
+        async move {
             client
                 .send(wire::SendRequest {
                     document: Some(doc),
                 })
                 .await
                 .expect("send");
-            began.elapsed()
-        });
-    }
-    let mut send_latencies = Vec::with_capacity(total);
-    while let Some(latency) = sends.join_next().await {
-        send_latencies.push(latency.expect("send task"));
-    }
+        }
+    })
+    .await;
     let e2e = receiving.await.expect("receiver");
     let elapsed = start.elapsed();
     let cpu = cpu_seconds(pid) - cpu_before;
