@@ -11,7 +11,7 @@ use crate::store::PendingPublish;
 use crate::transport::{OutboundMessage, Transport, TransportError};
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -22,6 +22,9 @@ use tracing::Instrument;
 const BATCH: usize = 128;
 /// The most messages published and not yet confirmed, over all batches.
 const MAX_IN_FLIGHT: usize = 4 * BATCH;
+/// No new batch starts while the messages on their way hold this many bytes or more (one batch
+/// of 256 KiB documents), so that a slow transport does not multiply the memory they take.
+const MAX_BYTES_IN_FLIGHT: usize = 32 * 1024 * 1024;
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often an idle publisher looks at the outbox without being woken.
@@ -39,18 +42,18 @@ pub async fn run<T: Transport>(hub: Hub<T>, shutdown: CancellationToken) {
     // Publishing waits until then after a failure; messages already on their way are answered.
     let mut paused_until: Option<Instant> = None;
     // Outbox keys of the messages published and not yet answered.
-    let mut on_the_way: HashSet<sled::IVec> = HashSet::new();
+    let mut on_the_way = OnTheWay::default();
     let mut answers = FuturesUnordered::new();
     let mut stopping = false;
     loop {
         if stopping && answers.is_empty() {
             return;
         }
-        let room = MAX_IN_FLIGHT.saturating_sub(on_the_way.len()).min(BATCH);
+        let room = on_the_way.room();
         if !stopping && paused_until.is_none() && room > 0 {
-            match store.outbox_batch(room, |key| on_the_way.contains(key)) {
+            match store.outbox_batch(room, |key| on_the_way.keys.contains_key(key)) {
                 Ok(batch) if !batch.is_empty() => {
-                    on_the_way.extend(batch.iter().map(|pending| pending.outbox_key().clone()));
+                    on_the_way.add(&batch);
                     answers.push(publish_batch(&hub, batch));
                     continue;
                 }
@@ -143,7 +146,7 @@ fn publish_batch<T: Transport>(
 /// in the outbox and is published again.
 fn record_answers<T: Transport>(
     hub: &Hub<T>,
-    on_the_way: &mut HashSet<sled::IVec>,
+    on_the_way: &mut OnTheWay,
     answered: Answered,
 ) -> Option<(TransportError, String)> {
     let mut first_failure = None;
@@ -164,8 +167,41 @@ fn record_answers<T: Transport>(
     }
     // Dropping the batch also lets go of the sequence numbers of its ENQUEUED receipts, which
     // the ledger appender waits for.
-    for (pending, _) in answered {
-        on_the_way.remove(pending.outbox_key());
-    }
+    on_the_way.remove(answered.iter().map(|(pending, _)| pending));
+    drop(answered);
     first_failure
+}
+
+/// The messages published and not yet answered: their outbox keys with the bytes of their
+/// payloads, and the sum of those.
+#[derive(Default)]
+struct OnTheWay {
+    keys: HashMap<sled::IVec, usize>,
+    bytes: usize,
+}
+
+impl OnTheWay {
+    /// How many messages the next batch may take.
+    fn room(&self) -> usize {
+        if self.bytes >= MAX_BYTES_IN_FLIGHT {
+            return 0;
+        }
+        MAX_IN_FLIGHT.saturating_sub(self.keys.len()).min(BATCH)
+    }
+
+    fn add(&mut self, batch: &[PendingPublish]) {
+        for pending in batch {
+            self.keys
+                .insert(pending.outbox_key().clone(), pending.payload.len());
+            self.bytes += pending.payload.len();
+        }
+    }
+
+    fn remove<'a>(&mut self, answered: impl Iterator<Item = &'a PendingPublish>) {
+        for pending in answered {
+            if let Some(bytes) = self.keys.remove(pending.outbox_key()) {
+                self.bytes -= bytes;
+            }
+        }
+    }
 }
