@@ -41,7 +41,6 @@ pub async fn run<T: Transport>(hub: Hub<T>, shutdown: CancellationToken) {
     let mut backoff = MIN_BACKOFF;
     // Publishing waits until then after a failure; messages already on their way are answered.
     let mut paused_until: Option<Instant> = None;
-    // Outbox keys of the messages published and not yet answered.
     let mut on_the_way = OnTheWay::default();
     let mut answers = FuturesUnordered::new();
     let mut stopping = false;

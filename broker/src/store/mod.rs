@@ -1496,22 +1496,19 @@ impl Watermark {
 
     fn write(&mut self, seq: u64) {
         use std::os::unix::fs::FileExt;
-        let written = match &self.file {
-            Some(file) => file.write_all_at(&seq.to_be_bytes(), 0),
+        let file = match self.file.take() {
+            Some(file) => Ok(file),
             None => std::fs::OpenOptions::new()
                 .write(true)
                 .create(true)
                 .truncate(false)
-                .open(&self.path)
-                .and_then(|file| {
-                    file.write_all_at(&seq.to_be_bytes(), 0)?;
-                    self.file = Some(file);
-                    Ok(())
-                }),
+                .open(&self.path),
         };
-        if let Err(error) = written {
-            self.file = None;
-            tracing::warn!(%error, path = %self.path.display(), "cannot update the durability watermark");
+        match file.and_then(|file| file.write_all_at(&seq.to_be_bytes(), 0).map(|()| file)) {
+            Ok(file) => self.file = Some(file),
+            Err(error) => {
+                tracing::warn!(%error, path = %self.path.display(), "cannot update the durability watermark");
+            }
         }
     }
 }
