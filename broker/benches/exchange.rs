@@ -141,8 +141,22 @@ fn main() {
             open.hub_peak_rss_mib
         );
         println!("{line}");
+        let slowest = open.slowest_send;
+        let line = format!(
+            "bench open-loop over {}ms: sends {} (hub's own count {}) e2e {} (hub {}) confirms in the hub {}; slowest send {:.0}ms at {:.1}s; sends started up to {:.1}ms late",
+            STALL.as_millis(),
+            slowest.over_stall,
+            open.hub_sends_over_stall,
+            open.e2e_over_stall,
+            open.hub_e2e_over_stall,
+            open.hub_confirms_over_stall,
+            slowest.latency_ms,
+            slowest.at_s,
+            slowest.ticker_late_max_ms
+        );
+        println!("{line}");
         json.push(format!(
-            "{{\"case\":\"open-loop\",\"size_bytes\":{},\"offered_per_s\":{rate},\"delivered_per_s\":{:.1},\"send_ms\":{{\"p50\":{:.3},\"p99\":{:.3}}},\"e2e_ms\":{{\"p50\":{:.3},\"p99\":{:.3},\"p999\":{:.3}}},\"hub_cpu_cores\":{:.3},\"hub_peak_rss_mib\":{}}}",
+            "{{\"case\":\"open-loop\",\"size_bytes\":{},\"offered_per_s\":{rate},\"delivered_per_s\":{:.1},\"send_ms\":{{\"p50\":{:.3},\"p99\":{:.3}}},\"e2e_ms\":{{\"p50\":{:.3},\"p99\":{:.3},\"p999\":{:.3}}},\"hub_cpu_cores\":{:.3},\"hub_peak_rss_mib\":{},\"over_128ms\":{{\"sends\":{},\"hub_sends\":{},\"e2e\":{},\"hub_e2e\":{},\"hub_confirms\":{}}}}}",
             16 * 1024,
             open.delivered_per_s,
             open.send_ms.p50,
@@ -151,13 +165,27 @@ fn main() {
             open.e2e_ms.p99,
             open.e2e_ms.p999,
             open.hub_cpu_cores,
-            open.hub_peak_rss_mib
+            open.hub_peak_rss_mib,
+            open.slowest_send.over_stall,
+            open.hub_sends_over_stall,
+            open.e2e_over_stall,
+            open.hub_e2e_over_stall,
+            open.hub_confirms_over_stall
         ));
         assert!(open.delivered_per_s > 0.0);
         let raw = runtime.block_on(raw_open_loop(rate, seconds, 16 * 1024));
         println!(
             "bench open-loop raw size=16KiB offered={rate}/s: confirm-p50 {:.1}ms confirm-p99 {:.1}ms e2e-p50 {:.1}ms e2e-p99 {:.1}ms e2e-p99.9 {:.1}ms",
             raw.confirm_ms.p50, raw.confirm_ms.p99, raw.e2e_ms.p50, raw.e2e_ms.p99, raw.e2e_ms.p999
+        );
+        let slowest = raw.slowest_confirm;
+        println!(
+            "bench open-loop raw over {}ms: confirms {}; slowest confirm {:.0}ms at {:.1}s; publishes started up to {:.1}ms late",
+            STALL.as_millis(),
+            slowest.over_stall,
+            slowest.latency_ms,
+            slowest.at_s,
+            slowest.ticker_late_max_ms
         );
         json.push(format!(
             "{{\"case\":\"open-loop-raw\",\"size_bytes\":{},\"offered_per_s\":{rate},\"confirm_ms\":{{\"p50\":{:.3},\"p99\":{:.3}}},\"e2e_ms\":{{\"p50\":{:.3},\"p99\":{:.3},\"p999\":{:.3}}}}}",
@@ -267,7 +295,6 @@ async fn run_case(case: Case) -> Outcome {
 /// A quorum queue of the raw cases, with one consumer on a channel of its own.
 struct RawQueue {
     connection: lapin::Connection,
-    setup: lapin::Channel,
     consumer_channel: lapin::Channel,
     name: String,
 }
@@ -313,7 +340,6 @@ impl RawQueue {
             .expect("consume");
         let queue = RawQueue {
             connection,
-            setup,
             consumer_channel,
             name,
         };
@@ -347,15 +373,24 @@ impl RawQueue {
         assert!(confirm.is_ack());
     }
 
+    /// Closes the connection (its channels with it, the consumer's first), then deletes the
+    /// queue from a connection of its own: a channel closed under a consumer can take the
+    /// whole connection down, and with it a delete sent on that connection.
     async fn delete(self) {
-        // The consumer's channel goes first: deleting a queue under a live consumer makes the
-        // broker cancel it unasked.
         let _ = self.consumer_channel.close(200, "done".into()).await;
-        self.setup
+        let _ = self.connection.close(200, "done".into()).await;
+        let connection =
+            lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+                .await
+                .expect("RabbitMQ");
+        connection
+            .create_channel()
+            .await
+            .expect("channel")
             .queue_delete(self.name.as_str().into(), QueueDeleteOptions::default())
             .await
             .expect("delete");
-        let _ = self.connection.close(200, "done".into()).await;
+        let _ = connection.close(200, "done".into()).await;
     }
 }
 
@@ -399,6 +434,7 @@ async fn raw_transport(case: Case) -> f64 {
 struct RawOpenLoop {
     confirm_ms: Percentiles,
     e2e_ms: Percentiles,
+    slowest_confirm: Slowest,
 }
 
 /// lapin alone at a fixed rate: `rate` persistent messages of `size` bytes a second for
@@ -428,7 +464,7 @@ async fn raw_open_loop(rate: u32, seconds: u32, size: usize) -> RawOpenLoop {
     for _ in 0..16 {
         channels.push(Arc::new(queue.publisher().await));
     }
-    let confirm_latencies = offer_at_rate(rate, total, |n, began| {
+    let confirms = offer_at_rate(rate, total, |n, began| {
         let channel = channels[n % channels.len()].clone();
         let name = queue.name.clone();
         let mut payload = vec![b'x'; size];
@@ -440,36 +476,112 @@ async fn raw_open_loop(rate: u32, seconds: u32, size: usize) -> RawOpenLoop {
     let e2e = consuming.await.expect("consumer");
     queue.delete().await;
     RawOpenLoop {
-        confirm_ms: percentiles(confirm_latencies),
+        confirm_ms: percentiles(confirms.iter().map(|one| one.latency).collect()),
         e2e_ms: percentiles(e2e),
+        slowest_confirm: Slowest::of(&confirms),
     }
+}
+
+/// One operation of an open loop: when its tick came (from the loop's start), how late the
+/// loop started it against its schedule, and how long it took.
+#[derive(Debug, Clone, Copy)]
+struct Offered {
+    at: Duration,
+    late: Duration,
+    latency: Duration,
 }
 
 /// Starts `total` operations at `rate` a second, the n-th made by `start(n, began)` and run
 /// on a task of its own on schedule, whether or not the earlier ones have finished; resolves
-/// to each one's latency, from `began` to its end.
-async fn offer_at_rate<F, Operation>(rate: u32, total: usize, mut start: F) -> Vec<Duration>
+/// to each one's timing, its latency measured from `began` to its end.
+async fn offer_at_rate<F, Operation>(rate: u32, total: usize, mut start: F) -> Vec<Offered>
 where
     F: FnMut(usize, Instant) -> Operation,
     Operation: std::future::Future<Output = ()> + Send + 'static,
 {
-    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+    let period = Duration::from_secs_f64(1.0 / f64::from(rate));
+    let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let first_tick = Instant::now();
     let mut running = JoinSet::new();
     for n in 0..total {
         ticker.tick().await;
         let began = Instant::now();
+        let at = began - first_tick;
+        let late = at.saturating_sub(period * n as u32);
         let operation = start(n, began);
         running.spawn(async move {
             operation.await;
-            began.elapsed()
+            Offered {
+                at,
+                late,
+                latency: began.elapsed(),
+            }
         });
     }
-    let mut latencies = Vec::with_capacity(total);
-    while let Some(latency) = running.join_next().await {
-        latencies.push(latency.expect("an operation of the open loop"));
+    let mut offered = Vec::with_capacity(total);
+    while let Some(one) = running.join_next().await {
+        offered.push(one.expect("an operation of the open loop"));
     }
-    latencies
+    offered
+}
+
+/// Latencies over this are counted as stalls, on both sides: it is a bucket boundary of the
+/// hub's latency histograms (0.25 ms × 2⁹).
+const STALL: Duration = Duration::from_millis(128);
+
+/// Where an open loop's slowest moment was. A stall of the benchmark's own process (which
+/// shares the cores) shows in `ticker_late_max`; one of the hub in its own histograms.
+#[derive(Debug, Default, Clone, Copy)]
+struct Slowest {
+    latency_ms: f64,
+    /// When the slowest operation started, in seconds from the loop's start.
+    at_s: f64,
+    /// Operations that took longer than `STALL`.
+    over_stall: usize,
+    /// How late the loop started an operation at worst, against its schedule.
+    ticker_late_max_ms: f64,
+}
+
+impl Slowest {
+    fn of(offered: &[Offered]) -> Slowest {
+        let slowest = offered.iter().max_by_key(|one| one.latency);
+        Slowest {
+            latency_ms: slowest.map_or(0.0, |one| one.latency.as_secs_f64() * 1000.0),
+            at_s: slowest.map_or(0.0, |one| one.at.as_secs_f64()),
+            over_stall: offered.iter().filter(|one| one.latency > STALL).count(),
+            ticker_late_max_ms: offered
+                .iter()
+                .map(|one| one.late)
+                .max()
+                .unwrap_or_default()
+                .as_secs_f64()
+                * 1000.0,
+        }
+    }
+}
+
+/// How many observations of a histogram of the hub's `/metrics` were over `STALL`.
+fn hub_over_stall(metrics: &str, histogram: &str) -> u64 {
+    let count_prefix = format!("lienthong_{histogram}_count ");
+    let bucket_prefix = format!("lienthong_{histogram}_bucket{{le=\"");
+    let mut count = None;
+    let mut within = None;
+    for line in metrics.lines() {
+        if let Some(value) = line.strip_prefix(&count_prefix) {
+            count = value.trim().parse::<f64>().ok();
+        } else if let Some((bound, value)) = line
+            .strip_prefix(&bucket_prefix)
+            .and_then(|rest| rest.split_once("\"} "))
+            && bound.parse::<f64>().ok() == Some(STALL.as_secs_f64())
+        {
+            within = value.trim().parse::<f64>().ok();
+        }
+    }
+    match (count, within) {
+        (Some(count), Some(within)) => (count - within) as u64,
+        _ => panic!("no histogram {histogram} with a bucket at {STALL:?} in the hub's metrics"),
+    }
 }
 
 /// The n-th sender's share of `total`.
@@ -579,6 +691,14 @@ struct OpenLoop {
     e2e_ms: Percentiles,
     hub_cpu_cores: f64,
     hub_peak_rss_mib: u64,
+    slowest_send: Slowest,
+    /// Documents whose end-to-end latency was over `STALL`, seen by the benchmark.
+    e2e_over_stall: usize,
+    /// The same counts in the hub's own histograms (`/metrics`): `Send` from request to
+    /// answer, publish to confirm, acceptance to delivery.
+    hub_sends_over_stall: u64,
+    hub_confirms_over_stall: u64,
+    hub_e2e_over_stall: u64,
 }
 
 /// Offers `rate` 16 KiB documents a second for `seconds`, each `Send` started on schedule
@@ -601,7 +721,7 @@ async fn open_loop(rate: u32, seconds: u32, size: usize) -> OpenLoop {
     }
     let cpu_before = cpu_seconds(pid);
     let start = Instant::now();
-    let send_latencies = offer_at_rate(rate, total, |n, began| {
+    let sends = offer_at_rate(rate, total, |n, began| {
         let mut client = clients[n % clients.len()].clone();
         let mut doc = document(COMMUNE, &[DISTRICT], &format!("open loop {n}"));
         doc.document_id = unique_id("open", 0, n);
@@ -623,12 +743,19 @@ async fn open_loop(rate: u32, seconds: u32, size: usize) -> OpenLoop {
     let e2e = receiving.await.expect("receiver");
     let elapsed = start.elapsed();
     let cpu = cpu_seconds(pid) - cpu_before;
+    let (status, metrics) = http_get(&options.http_listen, "/metrics").await;
+    assert_eq!(status, 200, "the hub's /metrics");
     let outcome = OpenLoop {
         delivered_per_s: total as f64 / elapsed.as_secs_f64(),
-        send_ms: percentiles(send_latencies),
+        send_ms: percentiles(sends.iter().map(|one| one.latency).collect()),
+        e2e_over_stall: e2e.iter().filter(|latency| **latency > STALL).count(),
         e2e_ms: percentiles(e2e),
         hub_cpu_cores: cpu / elapsed.as_secs_f64(),
         hub_peak_rss_mib: hub.peak_rss_bytes() / (1024 * 1024),
+        slowest_send: Slowest::of(&sends),
+        hub_sends_over_stall: hub_over_stall(&metrics, "send_latency_seconds"),
+        hub_confirms_over_stall: hub_over_stall(&metrics, "publish_confirm_latency_seconds"),
+        hub_e2e_over_stall: hub_over_stall(&metrics, "end_to_end_latency_seconds"),
     };
     hub.kill().await;
     files.delete_topology().await;
