@@ -648,6 +648,153 @@ mod faults {
         scenario.finish("poison-document", 1).await;
     }
 
+    /// A file system of its own for a hub's data, on a loop device, that a scenario can freeze
+    /// (`fsfreeze`): every write to it then waits, as on a disk that stalls. Needs root, as
+    /// `make test` has on its CI machine. Dropped, it thaws and unmounts, even after a panic.
+    struct FreezableDisk {
+        mount_point: std::path::PathBuf,
+        /// The file behind the loop device; removed after the unmount.
+        _image: tempfile::NamedTempFile,
+    }
+
+    impl FreezableDisk {
+        fn mount(mount_point: &std::path::Path) -> FreezableDisk {
+            let image = tempfile::NamedTempFile::new().expect("an image file");
+            image
+                .as_file()
+                .set_len(256 * 1024 * 1024)
+                .expect("size the image");
+            std::fs::create_dir_all(mount_point).expect("the mount point");
+            let image_path = image.path().to_str().expect("a UTF-8 path");
+            let mount_path = mount_point.to_str().expect("a UTF-8 path");
+            run_as_root("mkfs.ext4", &["-q", "-F", image_path]);
+            run_as_root("mount", &["-o", "loop", image_path, mount_path]);
+            FreezableDisk {
+                mount_point: mount_point.to_owned(),
+                _image: image,
+            }
+        }
+
+        fn freeze(&self) {
+            run_as_root("fsfreeze", &["-f", self.path()]);
+        }
+
+        fn thaw(&self) {
+            run_as_root("fsfreeze", &["-u", self.path()]);
+        }
+
+        fn path(&self) -> &str {
+            self.mount_point.to_str().expect("a UTF-8 path")
+        }
+    }
+
+    impl Drop for FreezableDisk {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("fsfreeze")
+                .args(["-u", self.path()])
+                .status();
+            let _ = std::process::Command::new("umount")
+                .args(["-l", self.path()])
+                .status();
+        }
+    }
+
+    /// Runs a system command that needs root; fails the scenario with what it printed.
+    fn run_as_root(command: &str, args: &[&str]) {
+        let output = std::process::Command::new(command)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{command}: {e} (the disk-stall scenario needs it)"));
+        assert!(
+            output.status.success(),
+            "{command} {args:?} failed (the disk-stall scenario needs root and loop devices): {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// The hub's disk stalls mid-load: every write waits for 2 s. No `Send` is answered while
+    /// nothing can be made durable, yet the hub keeps answering what needs no write (`/healthz`,
+    /// `/metrics`, `Track`); when the disk is back, everything flows, nothing lost or shown
+    /// again after its acknowledgement.
+    #[tokio::test]
+    async fn the_disk_stalls_mid_load() {
+        let options = chaos_options();
+        let files = HubFiles::create("chaos_disk", &options);
+        let disk = FreezableDisk::mount(&files.data_dir());
+        let endpoint = endpoint_of(&options);
+        let hub = HubProcess::start(&files, &options).await;
+        let scenario = Scenario {
+            files,
+            options,
+            endpoint,
+            hub,
+            shared: Shared::default(),
+        };
+        // Declared after the scenario, so that after a panic it thaws and unmounts before the
+        // scenario's directory is removed (a removal on a frozen file system would wait).
+        let disk = disk;
+        let shared = scenario.shared.clone();
+        let load = scenario.load(
+            documents(scale().documents * 4, "disk"),
+            RecipientBehaviour::default(),
+        );
+        eventually(
+            "the first documents are accepted",
+            Duration::from_secs(30),
+            || async { shared.tally().accepted.len() >= 20 },
+        )
+        .await;
+        disk.freeze();
+        let frozen_at = tokio::time::Instant::now();
+        // Sends already past their flush may still be answered in the first moments.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (accepted_early, already) = {
+            let tally = shared.tally();
+            let any = tally.accepted.iter().next().cloned().expect("one accepted");
+            (tally.accepted.len(), any)
+        };
+        assert!(
+            accepted_early < shared.tally().sent,
+            "the disk froze before the load ended"
+        );
+        let quick = Duration::from_secs(1);
+        let (status, _) =
+            tokio::time::timeout(quick, http_get(&scenario.options.http_listen, "/healthz"))
+                .await
+                .expect("/healthz answers while the disk stalls");
+        assert_eq!(status, 200);
+        let (status, metrics) =
+            tokio::time::timeout(quick, http_get(&scenario.options.http_listen, "/metrics"))
+                .await
+                .expect("/metrics answers while the disk stalls");
+        assert_eq!(status, 200);
+        assert!(metrics.contains("lienthong_send_latency_seconds_count"));
+        let mut commune = connect_retrying(&scenario.endpoint, COMMUNE).await;
+        let trace = tokio::time::timeout(
+            quick,
+            commune.track(wire::TrackRequest {
+                document_id: already.clone(),
+            }),
+        )
+        .await
+        .expect("Track answers while the disk stalls")
+        .expect("Track of an accepted document");
+        assert_eq!(trace.into_inner().document_id, already);
+        tokio::time::sleep(Duration::from_secs(2).saturating_sub(frozen_at.elapsed())).await;
+        assert_eq!(
+            shared.tally().accepted.len(),
+            accepted_early,
+            "no Send is answered while nothing can be written"
+        );
+        disk.thaw();
+        wait_for(load).await;
+        report("disk-stall", &scenario.endpoint, &shared, 0).await;
+        scenario.hub.kill().await;
+        scenario.files.delete_topology().await;
+        // Unmounted before the scenario's directory, which holds the mount point, is removed.
+        drop(disk);
+    }
+
     /// An open `Receive` stream survives a RabbitMQ restart without the client reconnecting:
     /// tokens from before answer FAILED_PRECONDITION and their documents come again.
     #[tokio::test]

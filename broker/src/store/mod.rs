@@ -1550,13 +1550,12 @@ impl GroupCommit {
         Ok(())
     }
 
-    async fn run(
-        this: Arc<GroupCommit>,
-        db: sled::Db,
-        receipts: sled::Tree,
-        mut watermark: Watermark,
-    ) {
-        let mut written_watermark = watermark.read().unwrap_or(0);
+    async fn run(this: Arc<GroupCommit>, db: sled::Db, receipts: sled::Tree, watermark: Watermark) {
+        let written = watermark.read().unwrap_or(0);
+        // The flush and the watermark's write wait for the disk, so both run on a blocking
+        // thread: a disk that stalls then holds back the writers that wait for it, not the
+        // async workers that serve everything else.
+        let watermark = Arc::new(std::sync::Mutex::new((watermark, written)));
         loop {
             this.wake.notified().await;
             let target = this.requested.load(Ordering::SeqCst);
@@ -1566,12 +1565,19 @@ impl GroupCommit {
             // Taken before the flush starts, so the flush covers the receipt it names.
             let high = receipts_end(&receipts).map_or(0, |end| end.saturating_sub(1));
             let db = db.clone();
-            match tokio::task::spawn_blocking(move || db.flush()).await {
-                Ok(Ok(_)) => {
-                    if high > written_watermark {
-                        watermark.write(high);
-                        written_watermark = high;
-                    }
+            let watermark = watermark.clone();
+            let flushed = tokio::task::spawn_blocking(move || {
+                db.flush()?;
+                let mut watermark = watermark.lock().unwrap_or_else(PoisonError::into_inner);
+                let (file, written) = &mut *watermark;
+                if high > *written {
+                    file.write(high);
+                    *written = high;
+                }
+                Ok::<(), sled::Error>(())
+            });
+            match flushed.await {
+                Ok(Ok(())) => {
                     this.completed.send_replace(target);
                 }
                 Ok(Err(error)) => {

@@ -1008,9 +1008,16 @@ pub(in crate::pagecache) fn make_stable_inner(
 /// Called by users who wish to force the current buffer
 /// to flush some pending writes. Returns the number
 /// of bytes written during this call.
+///
+/// The concurrency-control read guard covers only the reading of the last reserved LSN, so
+/// that it never falls inside a transaction being committed; it is released before waiting
+/// for the disk. The published 0.34.7 holds it for the whole wait, so that every transaction,
+/// and behind a waiting transaction every read, waits for the disk too.
 pub(in crate::pagecache) fn flush(iobufs: &Arc<IoBufs>) -> Result<usize> {
-    let _cc = concurrency_control::read();
-    let max_reserved_lsn = iobufs.max_reserved_lsn.load(Acquire);
+    let max_reserved_lsn = {
+        let _cc = concurrency_control::read();
+        iobufs.max_reserved_lsn.load(Acquire)
+    };
     make_stable(iobufs, max_reserved_lsn)
 }
 
