@@ -531,7 +531,7 @@ where
 const STALL: Duration = Duration::from_millis(128);
 
 /// Where an open loop's slowest moment was. A stall of the benchmark's own process (which
-/// shares the cores) shows in `ticker_late_max`; one of the hub in its own histograms.
+/// shares the cores) shows in `ticker_late_max_ms`; one of the hub in its own histograms.
 #[derive(Debug, Default, Clone, Copy)]
 struct Slowest {
     latency_ms: f64,
