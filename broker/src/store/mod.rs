@@ -229,10 +229,10 @@ impl Store {
         let tree = |name: &str| db.open_tree(name).map_err(open_error);
         let outbox = tree("outbox")?;
         let receipts = tree("receipts")?;
-        let watermark = Watermark::new(data_dir);
+        let watermark = Watermark::open(data_dir);
         let receipts_end = receipts_end(&receipts)?;
         let found = receipts_end.saturating_sub(1);
-        if let Some(durable) = watermark.read()
+        if let Some(durable) = watermark.durable
             && found < durable
         {
             return Err(StoreError::LostRecords {
@@ -1479,23 +1479,32 @@ impl Drop for ReservedSeqs {
 struct Watermark {
     path: PathBuf,
     file: Option<std::fs::File>,
+    /// The value in the file: read at open, then the last one written.
+    durable: Option<u64>,
 }
 
 impl Watermark {
-    fn new(data_dir: &Path) -> Self {
+    /// The watermark of `data_dir`, read once.
+    fn open(data_dir: &Path) -> Self {
+        let path = data_dir.join("durable-receipt-watermark");
+        let durable = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
+            .map(u64::from_be_bytes);
         Watermark {
-            path: data_dir.join("durable-receipt-watermark"),
+            path,
             file: None,
+            durable,
         }
     }
 
-    fn read(&self) -> Option<u64> {
-        let bytes = std::fs::read(&self.path).ok()?;
-        Some(u64::from_be_bytes(bytes.as_slice().try_into().ok()?))
-    }
-
-    fn write(&mut self, seq: u64) {
+    /// Writes `seq` if it is above the watermark.
+    fn advance(&mut self, seq: u64) {
         use std::os::unix::fs::FileExt;
+        if seq <= self.durable.unwrap_or(0) {
+            return;
+        }
+        self.durable = Some(seq);
         let file = match self.file.take() {
             Some(file) => Ok(file),
             None => std::fs::OpenOptions::new()
@@ -1551,11 +1560,10 @@ impl GroupCommit {
     }
 
     async fn run(this: Arc<GroupCommit>, db: sled::Db, receipts: sled::Tree, watermark: Watermark) {
-        let written = watermark.read().unwrap_or(0);
         // The flush and the watermark's write wait for the disk, so both run on a blocking
         // thread: a disk that stalls then holds back the writers that wait for it, not the
         // async workers that serve everything else.
-        let watermark = Arc::new(std::sync::Mutex::new((watermark, written)));
+        let watermark = Arc::new(std::sync::Mutex::new(watermark));
         loop {
             this.wake.notified().await;
             let target = this.requested.load(Ordering::SeqCst);
@@ -1568,12 +1576,10 @@ impl GroupCommit {
             let watermark = watermark.clone();
             let flushed = tokio::task::spawn_blocking(move || {
                 db.flush()?;
-                let mut watermark = watermark.lock().unwrap_or_else(PoisonError::into_inner);
-                let (file, written) = &mut *watermark;
-                if high > *written {
-                    file.write(high);
-                    *written = high;
-                }
+                watermark
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .advance(high);
                 Ok::<(), sled::Error>(())
             });
             match flushed.await {
