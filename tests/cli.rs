@@ -172,12 +172,17 @@ async fn the_client_subcommands_send_receive_report_and_track() {
         "{received}"
     );
     assert!(received.contains("acknowledged"), "{received}");
+    // The spool keeps its staging folder `.incoming` beside the documents; the order in which
+    // a directory lists its entries is the file system's.
     let saved = std::fs::read_dir(save_dir.path().join("inbox"))
         .expect("saved documents")
-        .next()
-        .expect("one saved document")
-        .expect("entry")
-        .path();
+        .map(|entry| entry.expect("entry").path())
+        .find(|path| {
+            !path
+                .file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with('.'))
+        })
+        .expect("one saved document");
     assert_eq!(
         std::fs::read_to_string(saved.join("body")).expect("body"),
         "Kính gửi UBND huyện"
