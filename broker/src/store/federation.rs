@@ -110,7 +110,7 @@ impl Store {
                                 }
                             }
                             None => {
-                                documents.insert(document.id.as_bytes(), stored.encode_to_vec())?;
+                                documents.set(document.id.as_bytes(), stored.encode_to_vec());
                             }
                         }
                         // Taken for this recipient before: nothing to do.
@@ -122,12 +122,12 @@ impl Store {
                             .and_then(|v| <[u8; 4]>::try_from(&*v).ok())
                             .map_or(0, u32::from_be_bytes);
                         if references == 0 {
-                            bodies.insert(document.id.as_bytes(), body.as_slice())?;
+                            bodies.set(document.id.as_bytes(), body.as_slice());
                         }
-                        refs.insert(document.id.as_bytes(), &(references + 1).to_be_bytes())?;
-                        outbox.insert(&entry_key, entry.as_slice())?;
-                        waiting_tree.insert(waiting.as_slice(), &[])?;
-                        insert_receipt(receipts, by_document, &accepted)?;
+                        refs.set(document.id.as_bytes(), &(references + 1).to_be_bytes());
+                        outbox.set(&entry_key, entry.as_slice());
+                        waiting_tree.set(waiting.as_slice(), &[]);
+                        insert_receipt(receipts, by_document, &accepted);
                         Ok(None)
                     },
                 );
@@ -171,7 +171,7 @@ impl Store {
                 if arrivals.insert(arrival, &[])?.is_some() {
                     return Ok(false);
                 }
-                insert_receipt(receipts, by_document, &kept)?;
+                insert_receipt(receipts, by_document, &kept);
                 Ok(true)
             });
         unwrap_transaction(result)
@@ -207,9 +207,9 @@ impl Store {
         }
         let result = (&inner.outbox, &inner.relay).transaction(|(outbox, relay)| {
             for (key, entry) in &entries {
-                outbox.insert(key, entry.as_slice())?;
+                outbox.set(key, entry.as_slice());
             }
-            relay.insert(RELAY_CURSOR, &next_cursor.to_be_bytes())?;
+            relay.set(RELAY_CURSOR, &next_cursor.to_be_bytes());
             Ok(())
         });
         unwrap_transaction(result)?;

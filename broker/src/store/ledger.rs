@@ -380,17 +380,17 @@ impl Store {
                 for record in &records {
                     let receipt = record.receipt.as_ref().expect("set above");
                     let index = record.index.to_be_bytes();
-                    tx_records.insert(&index, record.encode_to_vec())?;
-                    by_seq.insert(&receipt.seq.to_be_bytes(), &index)?;
+                    tx_records.set(&index, record.encode_to_vec());
+                    by_seq.set(&receipt.seq.to_be_bytes(), &index);
                     let mut key = prefixed(&receipt.agency);
                     key.extend_from_slice(&(receipt.at_unix_ms.max(0) as u64).to_be_bytes());
                     key.extend_from_slice(&index);
-                    by_agency.insert(key, &[])?;
+                    by_agency.set(key, &[]);
                 }
                 for (level, index, hash) in &nodes {
-                    tx_nodes.insert(&node_key(*level, *index), hash)?;
+                    tx_nodes.set(&node_key(*level, *index), hash);
                 }
-                meta.insert(APPEND_FROM, &next.to_be_bytes())?;
+                meta.set(APPEND_FROM, &next.to_be_bytes());
                 Ok(())
             });
         unwrap_transaction(result)?;
@@ -894,7 +894,10 @@ mod tests {
         );
         let inner = &store.inner;
         let result = (&inner.receipts, &inner.receipts_by_document).transaction(
-            |(receipts, by_document)| crate::store::insert_receipt(receipts, by_document, &receipt),
+            |(receipts, by_document)| {
+                crate::store::insert_receipt(receipts, by_document, &receipt);
+                Ok::<_, sled::transaction::ConflictableTransactionError<StoreError>>(())
+            },
         );
         unwrap_transaction(result).expect("write the receipt");
     }

@@ -4,6 +4,10 @@
 //! Architecture invariant: a write the hub reports to a caller is made durable first through
 //! [`Store::durable`], which groups the flushes of concurrent requests into one.
 //!
+//! Inside transactions, writes whose old value is not needed use `set` and `unset` (the patched
+//! sled's writes that do not read the tree first); `insert` and `remove` are kept where the old
+//! value decides something (a document taken before, a delivery shown before).
+//!
 //! Trees and their keys:
 //! - `documents`: document id → `StoredDocument` (what idempotency, `Track` and routing need);
 //! - `document_bodies`: document id → the encoded wire document, while an outbox entry needs it;
@@ -421,20 +425,20 @@ impl Store {
                             continue;
                         }
                         found.push(None);
-                        documents.insert(id, document.stored.as_slice())?;
+                        documents.set(id, document.stored.as_slice());
                         if let Some(reference) = &document.reference {
-                            references.insert(reference.as_slice(), &[])?;
+                            references.set(reference.as_slice(), &[]);
                         }
-                        bodies.insert(id, document.body.as_slice())?;
-                        refs.insert(id, &(document.outbox.len() as u32).to_be_bytes())?;
+                        bodies.set(id, document.body.as_slice());
+                        refs.set(id, &(document.outbox.len() as u32).to_be_bytes());
                         for ((key, entry), waiting_key) in
                             document.outbox.iter().zip(&document.waiting)
                         {
-                            outbox.insert(key, entry.as_slice())?;
-                            waiting.insert(waiting_key.as_slice(), &[])?;
+                            outbox.set(key, entry.as_slice());
+                            waiting.set(waiting_key.as_slice(), &[]);
                         }
                         for receipt in &document.accepted {
-                            insert_receipt(receipts, by_document, receipt)?;
+                            insert_receipt(receipts, by_document, receipt);
                         }
                     }
                     Ok(found)
@@ -540,13 +544,13 @@ impl Store {
                     return Ok(false);
                 }
                 for (key, entry) in &entries {
-                    outbox.insert(key, entry.as_slice())?;
+                    outbox.set(key, entry.as_slice());
                 }
                 for key in &waiting_keys {
-                    waiting.insert(key.as_slice(), &[])?;
+                    waiting.set(key.as_slice(), &[]);
                 }
                 for receipt in &receipts {
-                    insert_receipt(receipts_tree, by_document, receipt)?;
+                    insert_receipt(receipts_tree, by_document, receipt);
                 }
                 Ok(true)
             });
@@ -710,14 +714,14 @@ impl Store {
                             .map_or(0, u32::from_be_bytes)
                             .saturating_sub(1);
                         if remaining == 0 {
-                            refs.remove(document_id.as_bytes())?;
-                            bodies.remove(document_id.as_bytes())?;
+                            refs.unset(document_id.as_bytes());
+                            bodies.unset(document_id.as_bytes());
                         } else {
-                            refs.insert(document_id.as_bytes(), &remaining.to_be_bytes())?;
+                            refs.set(document_id.as_bytes(), &remaining.to_be_bytes());
                         }
                     }
                     if let Some(receipt) = receipt {
-                        insert_receipt(receipts_tree, by_document, receipt)?;
+                        insert_receipt(receipts_tree, by_document, receipt);
                     }
                 }
                 Ok(removed)
@@ -777,7 +781,7 @@ impl Store {
                     let pair = pair_key(&message.message_id, message.recipient.as_str());
                     shown_before.push(delivered.insert(pair, &[])?.is_some());
                     if let Some(receipt) = receipt {
-                        insert_receipt(receipts_tree, by_document, receipt)?;
+                        insert_receipt(receipts_tree, by_document, receipt);
                     }
                 }
                 Ok(shown_before)
@@ -835,10 +839,10 @@ impl Store {
             .transaction(|(settled_tree, receipts_tree, by_document, waiting)| {
                 for ((message, _), receipt) in settled.iter().zip(&receipts) {
                     let pair = pair_key(&message.message_id, message.recipient.as_str());
-                    settled_tree.insert(pair, &[])?;
-                    waiting.remove(message.waiting_key.as_slice())?;
+                    settled_tree.set(pair, &[]);
+                    waiting.unset(message.waiting_key.as_slice());
                     if let Some(receipt) = receipt {
-                        insert_receipt(receipts_tree, by_document, receipt)?;
+                        insert_receipt(receipts_tree, by_document, receipt);
                     }
                 }
                 Ok(())
@@ -1102,13 +1106,13 @@ impl Store {
                         if dead_letters.remove(&key)?.is_none() {
                             return Ok(false);
                         }
-                        outbox.insert(&outbox_key, entry.encode_to_vec())?;
+                        outbox.set(&outbox_key, entry.encode_to_vec());
                         if let Some(waiting) = &waiting {
-                            waiting_tree.insert(waiting.as_slice(), &[])?;
+                            waiting_tree.set(waiting.as_slice(), &[]);
                         }
-                        rejections.remove(pair.as_slice())?;
+                        rejections.unset(pair.as_slice());
                         if let Some(receipt) = &receipt {
-                            insert_receipt(receipts_tree, by_document, receipt)?;
+                            insert_receipt(receipts_tree, by_document, receipt);
                         }
                         Ok(true)
                     },
@@ -1219,8 +1223,12 @@ impl Store {
             now_unix_ms,
             detail,
         );
-        let result = (&inner.receipts, &inner.receipts_by_document)
-            .transaction(|(receipts, by_document)| insert_receipt(receipts, by_document, &receipt));
+        let result = (&inner.receipts, &inner.receipts_by_document).transaction(
+            |(receipts, by_document)| {
+                insert_receipt(receipts, by_document, &receipt);
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            },
+        );
         unwrap_transaction(result)?;
         Ok(receipt)
     }
@@ -1302,13 +1310,12 @@ fn insert_receipt(
     receipts: &TransactionalTree,
     by_document: &TransactionalTree,
     receipt: &wire::Receipt,
-) -> Result<(), ConflictableTransactionError<StoreError>> {
+) {
     let mut index_key = receipt.document_id.as_bytes().to_vec();
     index_key.push(0);
     index_key.extend_from_slice(&receipt.seq.to_be_bytes());
-    receipts.insert(&receipt.seq.to_be_bytes(), receipt.encode_to_vec())?;
-    by_document.insert(index_key, &[])?;
-    Ok(())
+    receipts.set(&receipt.seq.to_be_bytes(), receipt.encode_to_vec());
+    by_document.set(index_key, &[]);
 }
 
 #[derive(Default, Clone, Copy)]
@@ -1645,5 +1652,32 @@ mod tests {
             .collect();
         assert_eq!(left, [second[0].message_id.clone()]);
         assert_eq!(store.outbox_len(), 1);
+    }
+
+    /// The patched sled's `set` and `unset` write without reading the tree first: a later read
+    /// in the same transaction sees them, and the commit applies them over what was there.
+    #[test]
+    fn writes_that_do_not_read_are_seen_in_their_transaction_and_after_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::open(dir.path()).expect("open");
+        let tree = db.open_tree("t").expect("tree");
+        tree.insert("kept", "old").expect("insert");
+        tree.insert("dropped", "old").expect("insert");
+        let result = tree.transaction(|tx| {
+            tx.set("kept", "new");
+            tx.set("added", "new");
+            tx.unset("dropped");
+            assert_eq!(tx.get("kept")?.as_deref(), Some(&b"new"[..]));
+            assert_eq!(tx.get("added")?.as_deref(), Some(&b"new"[..]));
+            assert_eq!(tx.get("dropped")?, None);
+            Ok::<_, ConflictableTransactionError<()>>(())
+        });
+        result.expect("committed");
+        assert_eq!(tree.get("kept").expect("get").as_deref(), Some(&b"new"[..]));
+        assert_eq!(
+            tree.get("added").expect("get").as_deref(),
+            Some(&b"new"[..])
+        );
+        assert_eq!(tree.get("dropped").expect("get"), None);
     }
 }

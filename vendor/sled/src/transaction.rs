@@ -287,6 +287,31 @@ impl TransactionalTree {
         old
     }
 
+    /// Set a key to a new value without reading the value it replaces.
+    ///
+    /// `insert` looks the key up in the tree to return its old value;
+    /// a caller that drops that value pays for a tree descent per write.
+    /// Transactions are serialized by the concurrency control, not
+    /// validated against what they read, so leaving the read out
+    /// changes nothing else.
+    pub fn set<K, V>(&self, key: K, value: V)
+    where
+        K: Into<IVec>,
+        V: Into<IVec>,
+    {
+        let mut writes = self.writes.borrow_mut();
+        let _last_write = writes.insert(key.into(), Some(value.into()));
+    }
+
+    /// Remove a key without reading the value it had (see `set`).
+    pub fn unset<K>(&self, key: K)
+    where
+        K: Into<IVec>,
+    {
+        let mut writes = self.writes.borrow_mut();
+        let _last_write = writes.insert(key.into(), None);
+    }
+
     /// Get the value associated with a key
     pub fn get<K: AsRef<[u8]>>(
         &self,
