@@ -896,6 +896,50 @@ async fn health_and_reflection_are_on() {
     hub.finish().await;
 }
 
+/// The hub tells clients in its HTTP/2 settings that they may send frames of up to
+/// `MAX_HTTP2_FRAME_BYTES`, so a document of 16 KiB or 256 KiB crosses in one DATA frame.
+#[tokio::test]
+async fn the_hub_takes_a_document_in_one_http2_frame() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SETTINGS: u8 = 0x4;
+    const ACK: u8 = 0x1;
+    const SETTINGS_MAX_FRAME_SIZE: u16 = 0x5;
+
+    let hub = TestHub::start("frames", HubOptions::new(TransportKind::Embedded)).await;
+    let address = hub.endpoint.trim_start_matches("http://").to_owned();
+    let mut socket = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    // The client preface and an empty SETTINGS frame (length 0, stream 0).
+    socket
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .expect("write the preface");
+    let advertised = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let mut header = [0u8; 9];
+            socket.read_exact(&mut header).await.expect("frame header");
+            let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+            let mut payload = vec![0u8; length];
+            socket
+                .read_exact(&mut payload)
+                .await
+                .expect("frame payload");
+            if header[3] != SETTINGS || header[4] & ACK != 0 {
+                continue;
+            }
+            break payload
+                .chunks_exact(6)
+                .find(|entry| u16::from_be_bytes([entry[0], entry[1]]) == SETTINGS_MAX_FRAME_SIZE)
+                .map(|entry| u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]));
+        }
+    })
+    .await
+    .expect("the hub's SETTINGS frame within 5 s");
+    assert_eq!(advertised, Some(lienthong::server::MAX_HTTP2_FRAME_BYTES));
+    hub.finish().await;
+}
+
 async fn operators_list_queues_and_others_may_not<K: Into<Kind>>(kind: K) {
     let hub = TestHub::start("admin", HubOptions::new(kind.into().0)).await;
     let mut commune = hub.client(COMMUNE).await;

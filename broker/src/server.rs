@@ -20,6 +20,11 @@ use tokio_util::sync::CancellationToken;
 /// Room for the gRPC envelope around a document of the largest accepted size.
 const MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
 
+/// The largest HTTP/2 frame the hub accepts (16 KiB by default): a client may send a document
+/// in one DATA frame instead of one per 16 KiB. Flow control stays at hyper's defaults (1 MiB
+/// per stream and per connection), above any frame. Measured in `docs/performance.md`, change 13.
+pub const MAX_HTTP2_FRAME_BYTES: u32 = 1 << 20;
+
 /// The sockets a hub serves on, bound by the caller (so that tests can bind port 0 and know
 /// the addresses before the hub starts).
 #[derive(Debug)]
@@ -207,6 +212,7 @@ async fn serve<T: Transport>(
     tracing::info!(grpc = %local_address, http = %http_address, "serving");
     let stop_streams = stop.clone();
     let router = tonic::transport::Server::builder()
+        .max_frame_size(Some(MAX_HTTP2_FRAME_BYTES))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(exchange)
