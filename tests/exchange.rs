@@ -242,6 +242,125 @@ async fn rejected_documents_come_back<K: Into<Kind>>(kind: K) {
     hub.finish().await;
 }
 
+async fn several_deliveries_are_settled_in_one_ack<K: Into<Kind>>(kind: K) {
+    let hub = TestHub::start("ack-many", HubOptions::new(kind.into().0)).await;
+    let mut commune = hub.client(COMMUNE).await;
+    let mut district = hub.client(DISTRICT).await;
+    let mut stream = open_stream(&mut district).await;
+    let mut document_ids = Vec::new();
+    for title in ["Công văn số 1", "Công văn số 2", "Công văn số 3"] {
+        document_ids.push(send(&mut commune, document(COMMUNE, &[DISTRICT], title)).await);
+    }
+    let mut deliveries = Vec::new();
+    for _ in 0..document_ids.len() {
+        deliveries.push(next_delivery(&mut stream).await);
+    }
+    let token_of = |document_id: &str| {
+        deliveries
+            .iter()
+            .find(|delivery| delivered_document(delivery).document_id == document_id)
+            .expect("delivered")
+            .ack_token
+            .clone()
+    };
+    let (first, second, third) = (
+        token_of(&document_ids[0]),
+        token_of(&document_ids[1]),
+        token_of(&document_ids[2]),
+    );
+
+    // Refused whole, settling nothing: a token in both fields, or too many tokens.
+    let both = district
+        .ack(wire::AckRequest {
+            ack_token: first.clone(),
+            ack_tokens: vec![second.clone()],
+            ..Default::default()
+        })
+        .await
+        .expect_err("ack_token beside ack_tokens");
+    assert_eq!(both.code(), Code::InvalidArgument);
+    assert!(both.message().contains("ack_token"), "{}", both.message());
+    let too_many = district
+        .ack(wire::AckRequest {
+            ack_tokens: vec![first.clone(); 1025],
+            ..Default::default()
+        })
+        .await
+        .expect_err("more tokens than one call settles");
+    assert_eq!(too_many.code(), Code::InvalidArgument);
+    assert!(
+        too_many.message().contains("ack_tokens") && too_many.message().contains("1024"),
+        "{}",
+        too_many.message()
+    );
+
+    // Two settled in one call; an unknown token and a repeated one fail on their own.
+    let answer = district
+        .ack(wire::AckRequest {
+            ack_tokens: vec![
+                first.clone(),
+                "not-a-token".into(),
+                second.clone(),
+                first.clone(),
+            ],
+            ..Default::default()
+        })
+        .await
+        .expect("a call with some bad tokens is answered")
+        .into_inner();
+    let failures: Vec<(&str, Code)> = answer
+        .failures
+        .iter()
+        .map(|failure| (failure.ack_token.as_str(), Code::from(failure.code)))
+        .collect();
+    assert_eq!(
+        failures,
+        [
+            ("not-a-token", Code::FailedPrecondition),
+            (first.as_str(), Code::FailedPrecondition),
+        ]
+    );
+    assert!(
+        answer.failures[1].message.contains("earlier Ack"),
+        "{}",
+        answer.failures[1].message
+    );
+
+    // Only the third comes again, on the next stream.
+    drop(stream);
+    let mut stream = open_stream(&mut district).await;
+    let again = next_delivery(&mut stream).await;
+    assert_eq!(delivered_document(&again).document_id, document_ids[2]);
+    assert!(again.redelivered);
+    let answer = district
+        .ack(wire::AckRequest {
+            ack_tokens: vec![again.ack_token.clone()],
+            ..Default::default()
+        })
+        .await
+        .expect("ack")
+        .into_inner();
+    assert!(answer.failures.is_empty(), "{:?}", answer.failures);
+    assert_ne!(again.ack_token, third, "a new stream gives new tokens");
+    drop(stream);
+    let mut stream = open_stream(&mut district).await;
+    assert_no_delivery(&mut stream, QUIET).await;
+
+    for document_id in &document_ids[..2] {
+        let trace = track(&mut commune, document_id).await;
+        assert_eq!(
+            receipt_kinds(&trace, DISTRICT),
+            vec![Accepted, Enqueued, Delivered, Acknowledged]
+        );
+    }
+    let trace = track(&mut commune, &document_ids[2]).await;
+    assert_eq!(
+        receipt_kinds(&trace, DISTRICT),
+        vec![Accepted, Enqueued, Delivered, Delivered, Acknowledged]
+    );
+    hub.finish().await;
+}
+
 async fn sending_is_idempotent_on_the_document_id<K: Into<Kind>>(kind: K) {
     let hub = TestHub::start("idempotent", HubOptions::new(kind.into().0)).await;
     let mut commune = hub.client(COMMUNE).await;
@@ -1211,6 +1330,7 @@ on_both_transports!(send_receive_ack_track);
 on_both_transports!(status_reports_reach_the_other_party);
 on_both_transports!(unacknowledged_documents_are_redelivered);
 on_both_transports!(rejected_documents_come_back);
+on_both_transports!(several_deliveries_are_settled_in_one_ack);
 on_both_transports!(sending_is_idempotent_on_the_document_id);
 on_both_transports!(bad_input_is_refused_and_leaves_no_trace);
 on_both_transports!(access_rules_hold);

@@ -16,7 +16,8 @@
 //! It prints one line per case, writes `target/bench/exchange.json` and the chart
 //! `target/bench/exchange.svg` (which `make bench` renders to `docs/bench-chart.png`).
 //! `LIENTHONG_BENCH_ONLY=16:64` runs one case (16 KiB, 64 senders); `=open-loop` and
-//! `=restart` run those. Run by `cargo test` (without `--bench`) it does small versions of each,
+//! `=restart` run those; `LIENTHONG_BENCH_ACK_BATCH=N` has the recipient settle up to N
+//! deliveries in one `Ack` instead of one each. Run by `cargo test` (without `--bench`) it does small versions of each,
 //! so the suite keeps this code working.
 
 #[path = "../../tests/support/mod.rs"]
@@ -30,6 +31,7 @@ use lapin::options::{
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
+use lienthong::client::ExchangeClient;
 use lienthong_proto::v1 as wire;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -39,8 +41,12 @@ use tokio::task::JoinSet;
 
 /// Unacknowledged deliveries per consumer, the same for the hub's stream and raw lapin.
 const PREFETCH: u16 = 256;
-/// Acknowledgements the recipient has in flight at once (it processes documents in parallel).
+/// Deliveries the recipient is acknowledging at once (it processes documents in parallel).
 const ACKS_IN_FLIGHT: usize = 128;
+/// The most deliveries the recipient settles in one `Ack`: one, as a document system that
+/// files each document on its own does. `LIENTHONG_BENCH_ACK_BATCH=N` makes it settle up to N
+/// of those that have arrived in one `Ack` (`AckRequest.ack_tokens`).
+const ACK_BATCH: usize = 1;
 
 #[derive(Debug, Clone, Copy)]
 struct Case {
@@ -654,8 +660,9 @@ async fn hub(case: Case) -> Outcome {
     outcome
 }
 
-/// The district streams `total` documents and acknowledges each (up to `ACKS_IN_FLIGHT` at
-/// once); resolves to each document's end-to-end latency, from its entry in `sent_at`.
+/// The district streams `total` documents and acknowledges them, `ACK_BATCH` at most in one
+/// `Ack`, up to `ACKS_IN_FLIGHT` at once; resolves to each document's end-to-end latency, from
+/// its entry in `sent_at`.
 async fn receive_and_ack(
     hub: &HubProcess,
     total: usize,
@@ -663,24 +670,65 @@ async fn receive_and_ack(
 ) -> tokio::task::JoinHandle<Vec<Duration>> {
     let district = hub.client(DISTRICT).await;
     let mut stream = open_stream(&mut district.clone()).await;
+    let ack_batch = std::env::var("LIENTHONG_BENCH_ACK_BATCH")
+        .ok()
+        .and_then(|batch| batch.parse::<usize>().ok())
+        .unwrap_or(ACK_BATCH)
+        .clamp(1, ACKS_IN_FLIGHT);
     tokio::spawn(async move {
         let mut e2e = Vec::with_capacity(total);
         let mut acks = JoinSet::new();
-        while e2e.len() < total {
-            let delivery = next_delivery(&mut stream).await;
-            let id = delivered_document(&delivery).document_id.clone();
-            if let Some(sent) = sent_at.lock().expect("lock").remove(&id) {
-                e2e.push(sent.elapsed());
+        let mut acks_in_flight = 0;
+        let mut received = 0;
+        while received < total {
+            let mut batch = Vec::new();
+            let mut next = Some(next_delivery(&mut stream).await);
+            while let Some(delivery) = next {
+                received += 1;
+                let id = &delivered_document(&delivery).document_id;
+                if let Some(sent) = sent_at.lock().expect("lock").remove(id) {
+                    e2e.push(sent.elapsed());
+                }
+                batch.push(delivery.ack_token);
+                next = if batch.len() < ack_batch && received < total {
+                    futures_util::FutureExt::now_or_never(stream.message())
+                        .map(|message| message.expect("the stream is healthy").expect("open"))
+                } else {
+                    None
+                };
             }
+            while acks_in_flight + batch.len() > ACKS_IN_FLIGHT {
+                acks_in_flight -= acks.join_next().await.expect("in flight").expect("acked");
+            }
+            acks_in_flight += batch.len();
             let mut acker = district.clone();
-            acks.spawn(async move { ack(&mut acker, &delivery).await });
-            while acks.len() > ACKS_IN_FLIGHT {
-                acks.join_next().await;
-            }
+            acks.spawn(async move { ack_all(&mut acker, batch).await });
         }
         while acks.join_next().await.is_some() {}
         e2e
     })
+}
+
+/// Acknowledges the deliveries of `ack_tokens`, in one `Ack`; resolves to how many.
+async fn ack_all(client: &mut ExchangeClient, ack_tokens: Vec<String>) -> usize {
+    let count = ack_tokens.len();
+    let request = match <[String; 1]>::try_from(ack_tokens) {
+        Ok([ack_token]) => wire::AckRequest {
+            ack_token,
+            ..Default::default()
+        },
+        Err(ack_tokens) => wire::AckRequest {
+            ack_tokens,
+            ..Default::default()
+        },
+    };
+    let answer = client
+        .ack(request)
+        .await
+        .expect("ack accepted")
+        .into_inner();
+    assert!(answer.failures.is_empty(), "{:?}", answer.failures);
+    count
 }
 
 /// What the open-loop case measured.

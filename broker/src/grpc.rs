@@ -13,6 +13,9 @@ use std::pin::Pin;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+/// The most deliveries one `Ack` settles (`AckRequest.ack_tokens`).
+pub const MAX_ACK_TOKENS_PER_CALL: usize = 1024;
+
 /// The metadata key that carries the caller's agency code while mutual TLS is not configured.
 pub const AGENCY_METADATA_KEY: &str = "x-lienthong-agency";
 
@@ -104,6 +107,7 @@ impl<T: Transport> DocumentExchange for ExchangeService<T> {
             reject,
             reason,
             undeliverable,
+            ack_tokens,
         } = request.into_inner();
         let outcome = match (reject, undeliverable) {
             (false, false) => AckOutcome::Acknowledged,
@@ -117,8 +121,48 @@ impl<T: Transport> DocumentExchange for ExchangeService<T> {
                 .into());
             }
         };
-        self.hub.ack(&caller, &ack_token, outcome).await?;
-        Ok(Response::new(wire::AckResponse {}))
+        if ack_tokens.is_empty() {
+            self.hub.ack(&caller, &ack_token, outcome).await?;
+            return Ok(Response::new(wire::AckResponse::default()));
+        }
+        if !ack_token.is_empty() {
+            return Err(HubError::invalid(
+                "ack_token",
+                "leave it empty when ack_tokens lists the deliveries",
+            )
+            .into());
+        }
+        if ack_tokens.len() > MAX_ACK_TOKENS_PER_CALL {
+            return Err(HubError::invalid(
+                "ack_tokens",
+                format!(
+                    "{} tokens; at most {MAX_ACK_TOKENS_PER_CALL} in one call",
+                    ack_tokens.len()
+                ),
+            )
+            .into());
+        }
+        // Polled together, the settlements queue up before the first is recorded, so they
+        // share one store transaction and one flush.
+        let settled = futures_util::future::join_all(
+            ack_tokens
+                .iter()
+                .map(|ack_token| self.hub.ack(&caller, ack_token, outcome)),
+        )
+        .await;
+        let failures = ack_tokens
+            .into_iter()
+            .zip(settled)
+            .filter_map(|(ack_token, settled)| {
+                let status = Status::from(settled.err()?);
+                Some(wire::AckFailure {
+                    ack_token,
+                    code: status.code() as i32,
+                    message: status.message().to_owned(),
+                })
+            })
+            .collect();
+        Ok(Response::new(wire::AckResponse { failures }))
     }
 
     async fn report_status(
