@@ -52,6 +52,9 @@ mod faults {
         }
     }
 
+    /// How long the recipient waits for the answer to one `Ack`.
+    const ACK_ANSWER_WAIT: Duration = Duration::from_secs(60);
+
     /// What the clients saw.
     #[derive(Debug, Default)]
     struct Tally {
@@ -64,6 +67,9 @@ mod faults {
         rejections: std::collections::HashMap<String, u32>,
         /// Acks whose answer was lost (the hub died): the hub may or may not have recorded them.
         ack_unknown: HashSet<String>,
+        /// Every answer to an `Ack` other than success, by document, in order: what a document
+        /// that never counts as acknowledged went through.
+        ack_refusals: std::collections::HashMap<String, Vec<String>>,
     }
 
     impl Tally {
@@ -238,7 +244,8 @@ mod faults {
                             })
                             .await
                             .map(|t| format!("{:?}", t.into_inner().recipients[0].state()));
-                        states.push(format!("{id}: {state:?}"));
+                        let refusals = shared.tally().ack_refusals.get(id).cloned();
+                        states.push(format!("{id}: {state:?}, Ack answers {refusals:?}"));
                     }
                     let tally = shared.tally();
                     panic!(
@@ -282,19 +289,34 @@ mod faults {
                 let mut acker = client.clone();
                 let shared = shared.clone();
                 acks.spawn(async move {
-                    let acked = acker
-                        .ack(wire::AckRequest {
-                            ack_token: delivery.ack_token,
-                            reject,
-                            reason: if reject {
-                                "unreadable attachment".into()
-                            } else {
-                                String::new()
-                            },
-                            ..Default::default()
-                        })
-                        .await;
+                    let acking = acker.ack(wire::AckRequest {
+                        ack_token: delivery.ack_token,
+                        reject,
+                        reason: if reject {
+                            "unreadable attachment".into()
+                        } else {
+                            String::new()
+                        },
+                        ..Default::default()
+                    });
+                    let Ok(acked) = tokio::time::timeout(ACK_ANSWER_WAIT, acking).await else {
+                        shared
+                            .tally()
+                            .ack_refusals
+                            .entry(id)
+                            .or_default()
+                            .push(format!("no answer within {ACK_ANSWER_WAIT:?}"));
+                        return;
+                    };
                     let mut tally = shared.tally();
+                    if let Err(status) = &acked {
+                        let refusal = format!("{:?}: {}", status.code(), status.message());
+                        tally
+                            .ack_refusals
+                            .entry(id.clone())
+                            .or_default()
+                            .push(refusal);
+                    }
                     match acked {
                         Ok(_) if reject => *tally.rejections.entry(id).or_default() += 1,
                         Ok(_) => {
