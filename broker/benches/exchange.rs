@@ -17,8 +17,8 @@
 //! `target/bench/exchange.svg` (which `make bench` renders to `docs/bench-chart.png`).
 //! `LIENTHONG_BENCH_ONLY=16:64` runs one case (16 KiB, 64 senders); `=open-loop` and
 //! `=restart` run those; `LIENTHONG_BENCH_ACK_BATCH=N` has the recipient settle up to N
-//! deliveries in one `Ack` instead of one each. Run by `cargo test` (without `--bench`) it does small versions of each,
-//! so the suite keeps this code working.
+//! deliveries in one `Ack` instead of one each. Run by `cargo test` (without `--bench`) it does
+//! small versions of each, so the suite keeps this code working.
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
