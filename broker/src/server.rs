@@ -21,8 +21,9 @@ use tokio_util::sync::CancellationToken;
 const MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
 
 /// The largest HTTP/2 frame the hub accepts (HTTP/2's default is 16 KiB): a client may send a
-/// document of up to this size in one DATA frame instead of one per 16 KiB. Flow control stays at hyper's defaults (1 MiB
-/// per stream and per connection), above any frame. Measured in `docs/performance.md`, change 13.
+/// document of up to this size in one DATA frame instead of one per 16 KiB. Flow control stays
+/// at hyper's defaults (1 MiB per stream and per connection), above any frame. Measured in
+/// `docs/performance.md`, change 13.
 pub const MAX_HTTP2_FRAME_BYTES: u32 = 1 << 20;
 
 /// The sockets a hub serves on, bound by the caller (so that tests can bind port 0 and know
