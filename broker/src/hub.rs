@@ -163,6 +163,10 @@ struct PreparedDelivery<A> {
 struct PendingAcks<A> {
     by_token: HashMap<String, PendingAck<A>>,
     shown: HashSet<(String, AgencyCode)>,
+    /// Pairs whose settlement is being recorded after their stream closed: the transport has
+    /// their message back, and a copy of it that arrives now waits for the outcome
+    /// ([`CopyOf::Returned`]).
+    settling_after_close: HashSet<(String, AgencyCode)>,
     /// Settlements waiting to be recorded in one store transaction.
     settle_queue: Vec<QueuedSettlement<A>>,
 }
@@ -172,6 +176,7 @@ impl<A> Default for PendingAcks<A> {
         PendingAcks {
             by_token: HashMap::new(),
             shown: HashSet::new(),
+            settling_after_close: HashSet::new(),
             settle_queue: Vec::new(),
         }
     }
@@ -184,7 +189,9 @@ impl<A> PendingAcks<A> {
 
     fn remove(&mut self, ack_token: &str) -> Option<PendingAck<A>> {
         let pending = self.by_token.remove(ack_token)?;
-        self.shown.remove(&Self::pair(&pending.message));
+        let pair = Self::pair(&pending.message);
+        self.settling_after_close.remove(&pair);
+        self.shown.remove(&pair);
         Some(pending)
     }
 
@@ -196,12 +203,27 @@ impl<A> PendingAcks<A> {
             }
             if pending.settling {
                 pending.stream_closed = true;
+                self.settling_after_close
+                    .insert(Self::pair(&pending.message));
             } else {
                 tokens.push(token.clone());
             }
         }
         for token in tokens {
             self.remove(&token);
+        }
+    }
+
+    /// What to do with a message from the queue whose (message, recipient) pair is `pair`;
+    /// reserves the pair when the message is to be shown.
+    fn copy_of(&mut self, pair: &(String, AgencyCode), acknowledged: bool) -> CopyOf {
+        if self.settling_after_close.contains(pair) {
+            CopyOf::Returned
+        } else if acknowledged || self.shown.contains(pair) {
+            CopyOf::Duplicate
+        } else {
+            self.shown.insert(pair.clone());
+            CopyOf::New
         }
     }
 
@@ -217,6 +239,25 @@ impl<A> PendingAcks<A> {
         }
     }
 }
+
+/// A message from the queue, measured against the deliveries shown and settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CopyOf {
+    /// Neither shown nor settled: show it.
+    New,
+    /// Acknowledged, or shown on a stream that holds it still (this is then a republished
+    /// copy): settle it at once, never show it. The shown one is either acknowledged, or
+    /// returned to the queue and delivered again.
+    Duplicate,
+    /// The message itself, back from a stream that closed while its settlement was being
+    /// recorded: it goes back to the queue after a pause. Dropping it would lose the document
+    /// if the recording failed; showing it would show an acknowledged one again.
+    Returned,
+}
+
+/// How long a message returned while its settlement is being recorded waits before going
+/// back to the queue ([`CopyOf::Returned`]).
+const SETTLING_COPY_PAUSE: Duration = Duration::from_millis(200);
 
 /// What the holder of a delivery says about it (`Ack`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -646,24 +687,29 @@ impl<T: Transport> Hub<T> {
                 return Ok(None);
             }
         };
-        // A copy of a message this recipient acknowledged, or of one shown to it and not yet
-        // settled (a republished duplicate), is settled at once and never shown: the shown one
-        // is either acknowledged, or returned to the queue and delivered again. Checked and
-        // reserved under the lock that `ack` holds while it records an acknowledgement.
+        // Checked and reserved under the lock that `ack` holds while it records an
+        // acknowledgement.
         let pair = (message.message_id.clone(), recipient.clone());
-        let duplicate = {
+        let copy = {
             let mut pending = self.pending_acks();
-            let duplicate = pending.shown.contains(&pair)
-                || store.is_acknowledged(&message.message_id, recipient.as_str())?;
-            if !duplicate {
-                pending.shown.insert(pair.clone());
-            }
-            duplicate
+            let acknowledged = store.is_acknowledged(&message.message_id, recipient.as_str())?;
+            pending.copy_of(&pair, acknowledged)
         };
-        if duplicate {
-            tracing::debug!(message_id = %message.message_id, agency = %caller, "dropping a copy of a message shown or acknowledged before");
-            let _ = inbound.acker.ack().await;
-            return Ok(None);
+        match copy {
+            CopyOf::New => {}
+            CopyOf::Duplicate => {
+                tracing::debug!(message_id = %message.message_id, agency = %caller, "dropping a copy of a message shown or acknowledged before");
+                let _ = inbound.acker.ack().await;
+                return Ok(None);
+            }
+            CopyOf::Returned => {
+                tracing::debug!(message_id = %message.message_id, agency = %caller, "a message whose settlement is being recorded goes back to the queue");
+                tokio::spawn(async move {
+                    tokio::time::sleep(SETTLING_COPY_PAUSE).await;
+                    let _ = inbound.acker.requeue().await;
+                });
+                return Ok(None);
+            }
         }
         let span =
             tracing::info_span!("deliver", message_id = %message.message_id, recipient = %caller);
@@ -1221,5 +1267,57 @@ mod tests {
             .map(|(message_id, _)| message_id.as_str())
             .collect();
         assert_eq!(shown, ["open"]);
+    }
+
+    #[test]
+    fn a_message_back_from_a_stream_closed_while_settling_waits_for_the_outcome() {
+        let mut pending_acks = PendingAcks::<()>::default();
+        let pair_of =
+            |message_id: &str| PendingAcks::<()>::pair(&pending_on(0, message_id).message);
+        for (token, stream_id) in [("open", 1), ("failing", 2), ("recorded", 2)] {
+            let mut pending = pending_on(stream_id, token);
+            pending.settling = true;
+            assert_eq!(pending_acks.copy_of(&pair_of(token), false), CopyOf::New);
+            pending_acks.by_token.insert(token.to_owned(), pending);
+        }
+        // On a stream still open the message is held there: a copy is a republished one.
+        assert_eq!(
+            pending_acks.copy_of(&pair_of("open"), false),
+            CopyOf::Duplicate
+        );
+        assert_eq!(
+            pending_acks.copy_of(&pair_of("failing"), false),
+            CopyOf::Duplicate
+        );
+        // Its stream closed: the message itself comes back, and waits.
+        pending_acks.forget_stream(2);
+        assert_eq!(
+            pending_acks.copy_of(&pair_of("failing"), false),
+            CopyOf::Returned
+        );
+        assert_eq!(
+            pending_acks.copy_of(&pair_of("recorded"), false),
+            CopyOf::Returned
+        );
+        assert_eq!(
+            pending_acks.copy_of(&pair_of("open"), false),
+            CopyOf::Duplicate
+        );
+        // Recorded: dropped as acknowledged. Not recorded: shown again.
+        pending_acks.remove("recorded");
+        assert_eq!(
+            pending_acks.copy_of(&pair_of("recorded"), true),
+            CopyOf::Duplicate
+        );
+        pending_acks.settlement_failed("failing");
+        assert_eq!(
+            pending_acks.copy_of(&pair_of("failing"), false),
+            CopyOf::New
+        );
+        assert_eq!(
+            pending_acks.copy_of(&pair_of("failing"), false),
+            CopyOf::Duplicate
+        );
+        assert!(pending_acks.settling_after_close.is_empty());
     }
 }
