@@ -894,4 +894,141 @@ mod faults {
         );
         hub.finish().await;
     }
+
+    /// A RabbitMQ memory alarm, raised by a high watermark of 0: RabbitMQ then blocks every
+    /// connection that publishes. Dropped, it puts the watermark back as it was, even after a
+    /// panic.
+    struct MemoryAlarm {
+        watermark: Vec<String>,
+    }
+
+    impl MemoryAlarm {
+        fn raise() -> MemoryAlarm {
+            let printed =
+                rabbitmqctl_output(&["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."]);
+            // `0.4`, or `{absolute,1073741824}` when set in bytes.
+            let watermark = match printed.trim().trim_matches(['{', '}']).split_once(',') {
+                Some(("absolute", bytes)) => vec!["absolute".to_owned(), bytes.trim().to_owned()],
+                _ => vec![printed.trim().to_owned()],
+            };
+            rabbitmqctl(&["set_vm_memory_high_watermark", "0"]);
+            MemoryAlarm { watermark }
+        }
+    }
+
+    impl Drop for MemoryAlarm {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("rabbitmqctl")
+                .arg("set_vm_memory_high_watermark")
+                .args(&self.watermark)
+                .stdout(std::process::Stdio::null())
+                .status();
+        }
+    }
+
+    /// What `rabbitmqctl` printed, failing the test if it failed.
+    fn rabbitmqctl_output(args: &[&str]) -> String {
+        let output = std::process::Command::new("rabbitmqctl")
+            .arg("-q")
+            .args(args)
+            .output()
+            .expect("run rabbitmqctl");
+        assert!(output.status.success(), "rabbitmqctl {args:?} failed");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// During a memory alarm RabbitMQ blocks the hub's publishing connection, and a blocked
+    /// connection carries nothing, acks included. The hub consumes and inspects on a connection
+    /// of its own, so the recipient drains its queue (which is what frees RabbitMQ's memory),
+    /// new streams open and `ListQueues` answers while the alarm lasts; a document sent
+    /// meanwhile waits in the hub's outbox and flows after it.
+    #[tokio::test]
+    async fn a_recipient_drains_its_queue_during_a_memory_alarm() {
+        const BACKLOG: usize = 100;
+        let hub = TestHub::start("alarm", HubOptions::new(TransportKind::Amqp)).await;
+        let mut commune = hub.client(COMMUNE).await;
+        let mut district = hub.client(DISTRICT).await;
+        let mut backlog = HashSet::new();
+        for n in 0..BACKLOG {
+            let doc = document(COMMUNE, &[DISTRICT], &format!("before the alarm {n}"));
+            backlog.insert(send(&mut commune, doc).await);
+        }
+        let names = lienthong::transport::TopologyNames::new(&hub.files.prefix);
+        let district_queue = names.agency_queue(&DISTRICT.parse().expect("code"));
+        eventually(
+            "the backlog is in the recipient's queue",
+            Duration::from_secs(30),
+            || async { amqp_queue_depth(&district_queue).await as usize == BACKLOG },
+        )
+        .await;
+        let mut stream = open_stream(&mut district).await;
+
+        let alarm = MemoryAlarm::raise();
+        let during = send(
+            &mut commune,
+            document(COMMUNE, &[DISTRICT], "during the alarm"),
+        )
+        .await;
+        eventually(
+            "RabbitMQ blocks the connection the hub publishes on",
+            Duration::from_secs(30),
+            || async {
+                rabbitmqctl_output(&["list_connections", "state"])
+                    .lines()
+                    .any(|state| state.trim() == "blocked")
+            },
+        )
+        .await;
+        // More than the prefetch: each delivery past it needs RabbitMQ to have read an ack.
+        let mut drained = HashSet::new();
+        while drained.len() < BACKLOG {
+            let delivery = next_delivery(&mut stream).await;
+            let id = delivered_document(&delivery).document_id.clone();
+            assert!(
+                backlog.contains(&id),
+                "only the backlog flows during the alarm: {id}"
+            );
+            tokio::time::timeout(Duration::from_secs(10), ack(&mut district, &delivery))
+                .await
+                .expect("the Ack answers during the alarm");
+            drained.insert(id);
+        }
+        eventually(
+            "RabbitMQ has the acks: the queue holds nothing, unacknowledged or ready",
+            Duration::from_secs(30),
+            || async {
+                rabbitmqctl_output(&["list_queues", "name", "messages"])
+                    .lines()
+                    .any(|line| line.split_whitespace().eq([district_queue.as_str(), "0"]))
+            },
+        )
+        .await;
+        let queues = tokio::time::timeout(Duration::from_secs(10), list_queues(&hub.endpoint))
+            .await
+            .expect("ListQueues answers during the alarm");
+        assert_eq!(
+            queues.transport_error, "",
+            "RabbitMQ answers the hub's inspection"
+        );
+        assert_eq!(
+            queues.outbox_depth, 1,
+            "the document sent during the alarm waits"
+        );
+        let district_stats = queues
+            .queues
+            .iter()
+            .find(|stats| stats.agency == DISTRICT)
+            .expect("the district's queue");
+        assert_eq!(district_stats.consumers, 1, "{district_stats:?}");
+        let mut province = hub.client(PROVINCE).await;
+        tokio::time::timeout(Duration::from_secs(10), open_stream(&mut province))
+            .await
+            .expect("a stream opens during the alarm");
+
+        drop(alarm);
+        let after = next_delivery(&mut stream).await;
+        assert_eq!(delivered_document(&after).document_id, during);
+        ack(&mut district, &after).await;
+        hub.finish().await;
+    }
 }

@@ -976,7 +976,8 @@ impl<T: Transport> Hub<T> {
     }
 
     /// Completes an `ack` once the delivery is out of the pending set (and, for an
-    /// acknowledgement, recorded): counts it, then acks, requeues or dead-letters it.
+    /// acknowledgement, recorded): counts it, waits for the disk, then has the transport ack,
+    /// requeue or dead-letter it in the background.
     async fn settle(
         &self,
         pending: PendingAck<AckerOf<T>>,
@@ -998,10 +999,14 @@ impl<T: Transport> Hub<T> {
             count(DocumentEvent::Acknowledged);
             self.inner.activity.acknowledged(caller.as_str());
             store.durable().await?;
-            if let Err(error) = pending.acker.ack().await {
-                // The acknowledgement is on disk: a redelivery will be recognised and dropped.
-                tracing::debug!(%error, "transport ack failed after the acknowledgement was recorded");
-            }
+            // The acknowledgement is on disk, so the answer does not wait for the transport,
+            // which may be slow or blocked (RabbitMQ's alarms): a redelivery after a lost ack
+            // is recognised and dropped.
+            tokio::spawn(async move {
+                if let Err(error) = pending.acker.ack().await {
+                    tracing::debug!(%error, "transport ack failed after the acknowledgement was recorded");
+                }
+            });
             return Ok(());
         }
         let delivery = &self.inner.config.delivery;
@@ -1015,9 +1020,12 @@ impl<T: Transport> Hub<T> {
             store.mark_dead_lettered(&pending.message, &reason, now_unix_ms())?;
             store.durable().await?;
             tracing::warn!(message_id = %pending.message.message_id, recipient = %caller, %reason, "dead-lettered");
-            if let Err(error) = pending.acker.dead_letter().await {
-                tracing::debug!(%error, "dead-lettering failed; the transport will redeliver");
-            }
+            // On disk: the answer does not wait for the transport, as for an acknowledgement.
+            tokio::spawn(async move {
+                if let Err(error) = pending.acker.dead_letter().await {
+                    tracing::debug!(%error, "dead-lettering failed; the transport will redeliver");
+                }
+            });
             return Ok(());
         }
         count(DocumentEvent::Rejected);

@@ -635,7 +635,6 @@ pub fn data_dir_exists(path: &Path) -> bool {
     path.join("db").exists() || path.join("conf").exists()
 }
 
-/// Runs `rabbitmqctl` with arguments, failing the test if it fails.
 /// Runs the `lienthong` binary to completion, logging warnings only.
 pub async fn lienthong(args: &[&str]) -> std::process::Output {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_lienthong"))
@@ -657,6 +656,7 @@ pub fn stdout_of(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// Runs `rabbitmqctl` with arguments, failing the test if it fails.
 pub fn rabbitmqctl(args: &[&str]) {
     let status = std::process::Command::new("rabbitmqctl")
         .args(args)

@@ -1,12 +1,12 @@
 //! The RabbitMQ transport (AMQP 0-9-1 with lapin): quorum queues, confirmed `mandatory`
-//! publishing, manual acknowledgements, and a supervised connection.
+//! publishing, manual acknowledgements, and two supervised connections.
 //!
-//! A supervisor task owns the connection. It connects with exponential backoff, declares the
-//! topology, and publishes the live [`Session`] on a watch channel; when the connection reports
-//! an error (or a publish fails on it) the session is marked lost, withdrawn, and the supervisor
-//! connects again. Nothing here waits for RabbitMQ on the caller's behalf: while there is no
-//! session, calls fail fast with [`TransportError::Unavailable`], and the outbox keeps the
-//! messages until a session returns.
+//! A supervisor task owns the connections: one to publish, one for the rest (see [`Session`]).
+//! It connects with exponential backoff, declares the topology, and publishes the live
+//! [`Session`] on a watch channel; when either connection reports an error (or a publish fails)
+//! the session is marked lost, withdrawn, and the supervisor connects both again. Nothing here
+//! waits for RabbitMQ on the caller's behalf: while there is no session, calls fail fast with
+//! [`TransportError::Unavailable`], and the outbox keeps the messages until a session returns.
 
 use super::{
     Acknowledge, Inbound, OutboundMessage, QueueDepth, Subscription, TopologyNames, Transport,
@@ -31,6 +31,8 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long opening a subscription waits for a connection.
 const SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
+/// How long closing a session waits for RabbitMQ's answer on each connection.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Settings of the RabbitMQ transport.
 #[derive(Clone)]
@@ -82,11 +84,29 @@ impl Inner {
     }
 }
 
-/// One live connection with its confirming publisher channel.
+/// Two live connections: one publishes, on its confirming channel, and does nothing else; the
+/// other consumes, declares and inspects. RabbitMQ blocks a connection that publishes during a
+/// memory or disk alarm, and a blocked connection carries nothing, acks included; on the other
+/// connection, deliveries and their acks go on draining the queues that the alarm is about, and
+/// operators can still read the queues' depths.
 struct Session {
-    connection: Connection,
+    publishing: Connection,
+    /// Consumes, declares and inspects: it never publishes, so an alarm never blocks it.
+    consuming: Connection,
     publisher: Channel,
+    /// Cancelled when either connection fails: the supervisor then replaces both.
     lost: CancellationToken,
+}
+
+impl Session {
+    /// Closes both connections, waiting at most [`CLOSE_WAIT`] for RabbitMQ's answers: one that
+    /// RabbitMQ is closing from its side at the same moment may never answer.
+    async fn close(&self, reason: &str) {
+        let _ = tokio::join!(
+            tokio::time::timeout(CLOSE_WAIT, self.publishing.close(200, reason.into())),
+            tokio::time::timeout(CLOSE_WAIT, self.consuming.close(200, reason.into())),
+        );
+    }
 }
 
 impl std::fmt::Debug for Session {
@@ -257,7 +277,7 @@ impl Transport for AmqpTransport {
             return Ok(());
         };
         let declared = async {
-            let channel = session.connection.create_channel().await?;
+            let channel = session.consuming.create_channel().await?;
             declare_agency_queues(&channel, &self.inner.settings, &added).await?;
             channel.close(200, "queues declared".into()).await
         };
@@ -279,7 +299,7 @@ impl AmqpTransport {
         self.wait_connected(SUBSCRIBE_WAIT).await?;
         let session = self.session()?;
         let subscribe = async {
-            let channel = session.connection.create_channel().await?;
+            let channel = session.consuming.create_channel().await?;
             channel
                 .basic_qos(prefetch, BasicQosOptions::default())
                 .await?;
@@ -303,7 +323,7 @@ impl AmqpTransport {
     async fn inspect(&self, queue: String) -> Result<lapin::Queue, TransportError> {
         let session = self.session()?;
         let channel = session
-            .connection
+            .consuming
             .create_channel()
             .await
             .map_err(|e| TransportError::Unavailable(e.to_string()))?;
@@ -453,12 +473,13 @@ async fn supervise(inner: Arc<Inner>, shutdown: CancellationToken) {
                     }
                     () = shutdown.cancelled() => {
                         inner.session.send_replace(None);
-                        let _ = session.connection.close(200, "hub shutting down".into()).await;
+                        session.close("hub shutting down").await;
                         break;
                     }
                 }
                 inner.session.send_replace(None);
-                let _ = session.connection.close(200, "reconnecting".into()).await;
+                // In the background: the connections that replace these need not wait for them.
+                tokio::spawn(async move { session.close("reconnecting").await });
             }
             Err(error) => {
                 tracing::warn!(url = %safe_url, %error, retry_in = ?backoff, "cannot connect to RabbitMQ");
@@ -476,40 +497,63 @@ async fn connect(
     settings: &AmqpSettings,
     agencies: &[AgencyCode],
 ) -> Result<Session, lapin::Error> {
+    // A connection dropped on an early return closes itself.
+    let lost = CancellationToken::new();
+    let publishing = open_connection(settings, "publishing", &lost).await?;
+    let consuming = open_connection(settings, "consuming", &lost).await?;
+    declare_topology(&consuming, settings, agencies).await?;
+    let publisher = publishing.create_channel().await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(Session {
+        publishing,
+        consuming,
+        publisher,
+        lost,
+    })
+}
+
+/// Opens one connection named `lienthong <role>` (RabbitMQ lists it so); `lost` is cancelled
+/// when it fails. Blocking by a resource alarm is logged, not treated as a failure.
+async fn open_connection(
+    settings: &AmqpSettings,
+    role: &'static str,
+    lost: &CancellationToken,
+) -> Result<Connection, lapin::Error> {
     let tls = lapin::tcp::OwnedTLSConfig {
         identity: None,
         cert_chain: settings.ca_pem.clone(),
     };
     let connection = Connection::connect_with_config(
         &settings.url,
-        ConnectionProperties::default(),
+        ConnectionProperties::default()
+            .with_connection_name(LongString::from(format!("lienthong {role}"))),
         tls,
         lapin::runtime::default_runtime()?,
     )
     .await?;
-    let lost = CancellationToken::new();
     let mut events = connection.events_listener();
     let on_error = lost.clone();
     tokio::spawn(async move {
         while let Some(event) = events.next().await {
-            if let lapin::Event::Error(error) = event {
-                tracing::debug!(%error, "RabbitMQ connection error");
-                on_error.cancel();
-                break;
+            match event {
+                lapin::Event::Error(error) => {
+                    tracing::debug!(connection = role, %error, "RabbitMQ connection error");
+                    break;
+                }
+                lapin::Event::ConnectionBlocked(reason) => {
+                    tracing::warn!(connection = role, %reason, "RabbitMQ blocks the connection (resource alarm)");
+                }
+                lapin::Event::ConnectionUnblocked => {
+                    tracing::info!(connection = role, "RabbitMQ unblocks the connection");
+                }
+                _ => {}
             }
         }
         on_error.cancel();
     });
-    declare_topology(&connection, settings, agencies).await?;
-    let publisher = connection.create_channel().await?;
-    publisher
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    Ok(Session {
-        connection,
-        publisher,
-        lost,
-    })
+    Ok(connection)
 }
 
 /// Declares the exchanges and queues; idempotent, so it runs again after every reconnection.
