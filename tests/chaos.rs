@@ -5,9 +5,10 @@
 //!
 //! and fails unless nothing accepted was lost and nothing acknowledged was shown again.
 //!
-//! Some scenarios stop RabbitMQ itself, so this suite must not run beside other tests: `make test`
-//! runs it in a second pass with one test thread (`--skip faults::` in the first pass), and
-//! `make chaos` runs it at full scale (`LIENTHONG_CHAOS_SCALE=full`: 200,000-document backlog).
+//! Some scenarios stop RabbitMQ itself or raise its memory alarm, so this suite must not run
+//! beside other tests: `make test` runs it in a second pass with one test thread (`--skip
+//! faults::` in the first pass), and `make chaos` runs it at full scale
+//! (`LIENTHONG_CHAOS_SCALE=full`: 200,000-document backlog).
 
 mod support;
 
@@ -489,6 +490,20 @@ mod faults {
         }
     }
 
+    /// Waits until the district's queue (of the hub whose names start with `prefix`) holds
+    /// `backlog` messages: all of them published. Returns the queue's name.
+    async fn district_queue_holds(prefix: &str, backlog: usize, deadline: Duration) -> String {
+        let names = lienthong::transport::TopologyNames::new(prefix);
+        let queue = names.agency_queue(&DISTRICT.parse().expect("code"));
+        eventually(
+            "the backlog is in the recipient's queue",
+            deadline,
+            || async { amqp_queue_depth(&queue).await as usize == backlog },
+        )
+        .await;
+        queue
+    }
+
     /// Waits for the senders and the receiver of a scenario's load.
     async fn wait_for(load: (tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>)) {
         let (sending, receiving) = load;
@@ -629,14 +644,7 @@ mod faults {
             scenario.shared.clone(),
         )
         .await;
-        let names = lienthong::transport::TopologyNames::new(&scenario.files.prefix);
-        let district_queue = names.agency_queue(&DISTRICT.parse().expect("code"));
-        eventually(
-            "the backlog is in the recipient's queue",
-            Duration::from_secs(600),
-            || async { amqp_queue_depth(&district_queue).await as usize == backlog },
-        )
-        .await;
+        district_queue_holds(&scenario.files.prefix, backlog, Duration::from_secs(600)).await;
         let rss_with_backlog = scenario.hub.peak_rss_bytes();
         receive_all(
             scenario.endpoint.clone(),
@@ -953,14 +961,8 @@ mod faults {
             let doc = document(COMMUNE, &[DISTRICT], &format!("before the alarm {n}"));
             backlog.insert(send(&mut commune, doc).await);
         }
-        let names = lienthong::transport::TopologyNames::new(&hub.files.prefix);
-        let district_queue = names.agency_queue(&DISTRICT.parse().expect("code"));
-        eventually(
-            "the backlog is in the recipient's queue",
-            Duration::from_secs(30),
-            || async { amqp_queue_depth(&district_queue).await as usize == BACKLOG },
-        )
-        .await;
+        let district_queue =
+            district_queue_holds(&hub.files.prefix, BACKLOG, Duration::from_secs(30)).await;
         let mut stream = open_stream(&mut district).await;
 
         let alarm = MemoryAlarm::raise();

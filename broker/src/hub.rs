@@ -1282,49 +1282,47 @@ mod tests {
         let mut pending_acks = PendingAcks::<()>::default();
         let pair_of =
             |message_id: &str| PendingAcks::<()>::pair(&pending_on(0, message_id).message);
+        // Each copy in turn, as it arrives: (message, acknowledged in the store, what it is).
+        let arrive = |pending_acks: &mut PendingAcks<()>, copies: &[(&str, bool, CopyOf)]| {
+            for &(message_id, acknowledged, expected) in copies {
+                let copy = pending_acks.copy_of(&pair_of(message_id), acknowledged);
+                assert_eq!(copy, expected, "a copy of {message_id}");
+            }
+        };
         for (token, stream_id) in [("open", 1), ("failing", 2), ("recorded", 2)] {
             let mut pending = pending_on(stream_id, token);
             pending.settling = true;
-            assert_eq!(pending_acks.copy_of(&pair_of(token), false), CopyOf::New);
+            arrive(&mut pending_acks, &[(token, false, CopyOf::New)]);
             pending_acks.by_token.insert(token.to_owned(), pending);
         }
         // On a stream still open the message is held there: a copy is a republished one.
-        assert_eq!(
-            pending_acks.copy_of(&pair_of("open"), false),
-            CopyOf::Duplicate
-        );
-        assert_eq!(
-            pending_acks.copy_of(&pair_of("failing"), false),
-            CopyOf::Duplicate
+        arrive(
+            &mut pending_acks,
+            &[
+                ("open", false, CopyOf::Duplicate),
+                ("failing", false, CopyOf::Duplicate),
+            ],
         );
         // Its stream closed: the message itself comes back, and waits.
         pending_acks.forget_stream(2);
-        assert_eq!(
-            pending_acks.copy_of(&pair_of("failing"), false),
-            CopyOf::Returned
+        arrive(
+            &mut pending_acks,
+            &[
+                ("failing", false, CopyOf::Returned),
+                ("recorded", false, CopyOf::Returned),
+                ("open", false, CopyOf::Duplicate),
+            ],
         );
-        assert_eq!(
-            pending_acks.copy_of(&pair_of("recorded"), false),
-            CopyOf::Returned
-        );
-        assert_eq!(
-            pending_acks.copy_of(&pair_of("open"), false),
-            CopyOf::Duplicate
-        );
-        // Recorded: dropped as acknowledged. Not recorded: shown again.
+        // Recorded: dropped as acknowledged. Not recorded: shown again, once.
         pending_acks.remove("recorded");
-        assert_eq!(
-            pending_acks.copy_of(&pair_of("recorded"), true),
-            CopyOf::Duplicate
-        );
         pending_acks.settlement_failed("failing");
-        assert_eq!(
-            pending_acks.copy_of(&pair_of("failing"), false),
-            CopyOf::New
-        );
-        assert_eq!(
-            pending_acks.copy_of(&pair_of("failing"), false),
-            CopyOf::Duplicate
+        arrive(
+            &mut pending_acks,
+            &[
+                ("recorded", true, CopyOf::Duplicate),
+                ("failing", false, CopyOf::New),
+                ("failing", false, CopyOf::Duplicate),
+            ],
         );
         assert!(pending_acks.settling_after_close.is_empty());
     }
