@@ -911,16 +911,25 @@ mod faults {
     }
 
     impl MemoryAlarm {
-        fn raise() -> MemoryAlarm {
+        /// Reads the watermark to put back. A run killed while its alarm was raised left 0:
+        /// RabbitMQ's default is put back at once instead.
+        fn ready() -> MemoryAlarm {
             let printed =
                 rabbitmqctl_output(&["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."]);
             // `0.4`, or `{absolute,1073741824}` when set in bytes.
             let watermark = match printed.trim().trim_matches(['{', '}']).split_once(',') {
                 Some(("absolute", bytes)) => vec!["absolute".to_owned(), bytes.trim().to_owned()],
+                _ if printed.trim().parse::<f64>() == Ok(0.0) => {
+                    rabbitmqctl(&["set_vm_memory_high_watermark", "0.4"]);
+                    vec!["0.4".to_owned()]
+                }
                 _ => vec![printed.trim().to_owned()],
             };
-            rabbitmqctl(&["set_vm_memory_high_watermark", "0"]);
             MemoryAlarm { watermark }
+        }
+
+        fn raise(&self) {
+            rabbitmqctl(&["set_vm_memory_high_watermark", "0"]);
         }
     }
 
@@ -953,6 +962,7 @@ mod faults {
     #[tokio::test]
     async fn a_recipient_drains_its_queue_during_a_memory_alarm() {
         const BACKLOG: usize = 100;
+        let alarm = MemoryAlarm::ready();
         let hub = TestHub::start("alarm", HubOptions::new(TransportKind::Amqp)).await;
         let mut commune = hub.client(COMMUNE).await;
         let mut district = hub.client(DISTRICT).await;
@@ -965,7 +975,7 @@ mod faults {
             district_queue_holds(&hub.files.prefix, BACKLOG, Duration::from_secs(30)).await;
         let mut stream = open_stream(&mut district).await;
 
-        let alarm = MemoryAlarm::raise();
+        alarm.raise();
         let during = send(
             &mut commune,
             document(COMMUNE, &[DISTRICT], "during the alarm"),
