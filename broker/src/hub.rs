@@ -12,7 +12,7 @@ use crate::metrics::{DocumentEvent, Metrics};
 use crate::receipt::{delivery_state, status_reports};
 use crate::status::{Reporter, StatusCode};
 use crate::store::{Acceptance, MessageRef, Settlement, Store};
-use crate::transport::{Acknowledge, Inbound, Subscription, Transport};
+use crate::transport::{Acknowledge, Inbound, Subscription, Transport, TransportError};
 use futures_util::FutureExt;
 use lienthong_proto::v1 as wire;
 use prost::Message;
@@ -258,6 +258,20 @@ enum CopyOf {
 /// How long a message returned while its settlement is being recorded waits before going
 /// back to the queue ([`CopyOf::Returned`]).
 const SETTLING_COPY_PAUSE: Duration = Duration::from_millis(200);
+
+/// Has the transport settle a message in the background. What the hub answers depends on what
+/// it has on disk, never on the transport, which may be slow or blocked (RabbitMQ's alarms); a
+/// settlement that fails leaves the message with the transport, which delivers it again.
+fn settle_in_background(
+    settling: impl Future<Output = Result<(), TransportError>> + Send + 'static,
+    failed: &'static str,
+) {
+    tokio::spawn(async move {
+        if let Err(error) = settling.await {
+            tracing::debug!(%error, "{failed}");
+        }
+    });
+}
 
 /// What the holder of a delivery says about it (`Ack`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -704,10 +718,13 @@ impl<T: Transport> Hub<T> {
             }
             CopyOf::Returned => {
                 tracing::debug!(message_id = %message.message_id, agency = %caller, "a message whose settlement is being recorded goes back to the queue");
-                tokio::spawn(async move {
-                    tokio::time::sleep(SETTLING_COPY_PAUSE).await;
-                    let _ = inbound.acker.requeue().await;
-                });
+                settle_in_background(
+                    async move {
+                        tokio::time::sleep(SETTLING_COPY_PAUSE).await;
+                        inbound.acker.requeue().await
+                    },
+                    "returning a message whose settlement is being recorded failed; the transport will redeliver",
+                );
                 return Ok(None);
             }
         }
@@ -999,14 +1016,11 @@ impl<T: Transport> Hub<T> {
             count(DocumentEvent::Acknowledged);
             self.inner.activity.acknowledged(caller.as_str());
             store.durable().await?;
-            // The acknowledgement is on disk, so the answer does not wait for the transport,
-            // which may be slow or blocked (RabbitMQ's alarms): a redelivery after a lost ack
-            // is recognised and dropped.
-            tokio::spawn(async move {
-                if let Err(error) = pending.acker.ack().await {
-                    tracing::debug!(%error, "transport ack failed after the acknowledgement was recorded");
-                }
-            });
+            // A redelivery after a lost transport ack is recognised and dropped.
+            settle_in_background(
+                pending.acker.ack(),
+                "transport ack failed after the acknowledgement was recorded",
+            );
             return Ok(());
         }
         let delivery = &self.inner.config.delivery;
@@ -1020,12 +1034,10 @@ impl<T: Transport> Hub<T> {
             store.mark_dead_lettered(&pending.message, &reason, now_unix_ms())?;
             store.durable().await?;
             tracing::warn!(message_id = %pending.message.message_id, recipient = %caller, %reason, "dead-lettered");
-            // On disk: the answer does not wait for the transport, as for an acknowledgement.
-            tokio::spawn(async move {
-                if let Err(error) = pending.acker.dead_letter().await {
-                    tracing::debug!(%error, "dead-lettering failed; the transport will redeliver");
-                }
-            });
+            settle_in_background(
+                pending.acker.dead_letter(),
+                "dead-lettering failed; the transport will redeliver",
+            );
             return Ok(());
         }
         count(DocumentEvent::Rejected);
@@ -1038,12 +1050,13 @@ impl<T: Transport> Hub<T> {
             delivery.retry_backoff_base,
             delivery.retry_backoff_max,
         );
-        tokio::spawn(async move {
-            tokio::time::sleep(backoff).await;
-            if let Err(error) = pending.acker.requeue().await {
-                tracing::debug!(%error, "requeue after reject failed; the transport will redeliver");
-            }
-        });
+        settle_in_background(
+            async move {
+                tokio::time::sleep(backoff).await;
+                pending.acker.requeue().await
+            },
+            "requeue after reject failed; the transport will redeliver",
+        );
         Ok(())
     }
 
