@@ -943,17 +943,6 @@ mod faults {
         }
     }
 
-    /// What `rabbitmqctl` printed, failing the test if it failed.
-    fn rabbitmqctl_output(args: &[&str]) -> String {
-        let output = std::process::Command::new("rabbitmqctl")
-            .arg("-q")
-            .args(args)
-            .output()
-            .expect("run rabbitmqctl");
-        assert!(output.status.success(), "rabbitmqctl {args:?} failed");
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    }
-
     /// During a memory alarm RabbitMQ blocks the hub's publishing connection, and a blocked
     /// connection carries nothing, acks included. The hub consumes and inspects on a connection
     /// of its own, so the recipient drains its queue (which is what frees RabbitMQ's memory),

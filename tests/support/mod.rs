@@ -658,12 +658,22 @@ pub fn stdout_of(output: &std::process::Output) -> String {
 
 /// Runs `rabbitmqctl` with arguments, failing the test if it fails.
 pub fn rabbitmqctl(args: &[&str]) {
-    let status = std::process::Command::new("rabbitmqctl")
+    rabbitmqctl_output(args);
+}
+
+/// What `rabbitmqctl -q` printed, failing the test if it failed.
+pub fn rabbitmqctl_output(args: &[&str]) -> String {
+    let output = std::process::Command::new("rabbitmqctl")
+        .arg("-q")
         .args(args)
-        .stdout(std::process::Stdio::null())
-        .status()
+        .output()
         .expect("run rabbitmqctl");
-    assert!(status.success(), "rabbitmqctl {args:?} failed");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// Messages in one of a test hub's RabbitMQ queues.
