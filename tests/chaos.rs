@@ -5,8 +5,8 @@
 //!
 //! and fails unless nothing accepted was lost and nothing acknowledged was shown again.
 //!
-//! Some scenarios stop RabbitMQ itself or raise its memory alarm, so this suite must not run
-//! beside other tests: `make test` runs it in a second pass with one test thread (`--skip
+//! Some scenarios stop RabbitMQ itself or raise its memory or disk alarm, so this suite must not
+//! run beside other tests: `make test` runs it in a second pass with one test thread (`--skip
 //! faults::` in the first pass), and `make chaos` runs it at full scale
 //! (`LIENTHONG_CHAOS_SCALE=full`: 200,000-document backlog).
 
@@ -679,16 +679,20 @@ mod faults {
     }
 
     /// A file system of its own for a hub's data, on a loop device, that a scenario can freeze
-    /// (`fsfreeze`): every write to it then waits, as on a disk that stalls. Needs root, as
-    /// `make test` has on its CI machine. Dropped, it thaws and unmounts, even after a panic.
-    struct FreezableDisk {
+    /// (`fsfreeze`: every write to it then waits, as on a disk that stalls) or fill (every write
+    /// that needs room then fails, as on a full disk). Needs root, as `make test` has on its CI
+    /// machine. Dropped, it thaws and unmounts, even after a panic.
+    struct LoopDisk {
         mount_point: std::path::PathBuf,
         /// The file behind the loop device; removed after the unmount.
         _image: tempfile::NamedTempFile,
     }
 
-    impl FreezableDisk {
-        fn mount(mount_point: &std::path::Path) -> FreezableDisk {
+    impl LoopDisk {
+        /// The file that [`LoopDisk::fill`] writes, beside the hub's files.
+        const FILLER: &'static str = "filler";
+
+        fn mount(mount_point: &std::path::Path) -> LoopDisk {
             let image = tempfile::NamedTempFile::new().expect("an image file");
             image
                 .as_file()
@@ -699,7 +703,7 @@ mod faults {
             let mount_path = mount_point.to_str().expect("a UTF-8 path");
             run_as_root("mkfs.ext4", &["-q", "-F", image_path]);
             run_as_root("mount", &["-o", "loop", image_path, mount_path]);
-            FreezableDisk {
+            LoopDisk {
                 mount_point: mount_point.to_owned(),
                 _image: image,
             }
@@ -713,15 +717,40 @@ mod faults {
             run_as_root("fsfreeze", &["-u", self.path()]);
         }
 
+        /// Writes one file until the file system has no room left (root's reserved blocks
+        /// included: the test and the hub both run as root).
+        fn fill(&self) {
+            use std::io::Write;
+            let mut filler = std::fs::File::create(self.mount_point.join(Self::FILLER))
+                .expect("create the filler");
+            // Large writes first, then small ones for the last blocks.
+            for chunk in [vec![0u8; 1 << 20], vec![0u8; 4096]] {
+                loop {
+                    match filler.write_all(&chunk) {
+                        Ok(()) => {}
+                        Err(error) if error.raw_os_error() == Some(28) => break, // ENOSPC
+                        Err(error) => panic!("filling the disk: {error}"),
+                    }
+                }
+            }
+        }
+
+        /// Removes what [`LoopDisk::fill`] wrote.
+        fn free(&self) {
+            std::fs::remove_file(self.mount_point.join(Self::FILLER)).expect("remove the filler");
+        }
+
         fn path(&self) -> &str {
             self.mount_point.to_str().expect("a UTF-8 path")
         }
     }
 
-    impl Drop for FreezableDisk {
+    impl Drop for LoopDisk {
         fn drop(&mut self) {
+            // Quiet: the file system is seldom still frozen here.
             let _ = std::process::Command::new("fsfreeze")
                 .args(["-u", self.path()])
+                .stderr(std::process::Stdio::null())
                 .status();
             let _ = std::process::Command::new("umount")
                 .args(["-l", self.path()])
@@ -734,10 +763,10 @@ mod faults {
         let output = std::process::Command::new(command)
             .args(args)
             .output()
-            .unwrap_or_else(|e| panic!("{command}: {e} (the disk-stall scenario needs it)"));
+            .unwrap_or_else(|e| panic!("{command}: {e} (the disk scenarios need it)"));
         assert!(
             output.status.success(),
-            "{command} {args:?} failed (the disk-stall scenario needs root and loop devices): {}",
+            "{command} {args:?} failed (the disk scenarios need root and loop devices): {}",
             String::from_utf8_lossy(&output.stderr)
         );
     }
@@ -750,7 +779,7 @@ mod faults {
     async fn the_disk_stalls_mid_load() {
         let options = chaos_options();
         let files = HubFiles::create("chaos_disk", &options);
-        let disk = FreezableDisk::mount(&files.data_dir());
+        let disk = LoopDisk::mount(&files.data_dir());
         let endpoint = endpoint_of(&options);
         let hub = HubProcess::start(&files, &options).await;
         let scenario = Scenario {
@@ -819,6 +848,79 @@ mod faults {
         disk.thaw();
         wait_for(load).await;
         report("disk-stall", &scenario.endpoint, &shared, 0).await;
+        scenario.hub.kill().await;
+        scenario.files.delete_topology().await;
+        // Unmounted before the scenario's directory, which holds the mount point, is removed.
+        drop(disk);
+    }
+
+    /// The hub's disk fills up mid-load. sled fails every write after its first failed one, so
+    /// the hub stops by itself (exit status 1, not a panic), answering UNAVAILABLE to what
+    /// waited for the disk; started again once there is room, it carries on from what reached
+    /// the disk: nothing accepted is lost, nothing acknowledged is shown again.
+    #[tokio::test]
+    async fn the_disk_fills_mid_load() {
+        let options = chaos_options();
+        let files = HubFiles::create("chaos_full", &options);
+        let disk = LoopDisk::mount(&files.data_dir());
+        let endpoint = endpoint_of(&options);
+        let hub = HubProcess::start(&files, &options).await;
+        let mut scenario = Scenario {
+            files,
+            options,
+            endpoint,
+            hub,
+            shared: Shared::default(),
+        };
+        // Declared after the scenario, so that after a panic it unmounts before the scenario's
+        // directory is removed.
+        let disk = disk;
+        let shared = scenario.shared.clone();
+        let load = scenario.load(
+            documents(scale().documents * 4, "full"),
+            RecipientBehaviour::default(),
+        );
+        eventually(
+            "the first documents are accepted",
+            Duration::from_secs(30),
+            || async { shared.tally().accepted.len() >= 20 },
+        )
+        .await;
+        disk.fill();
+        let exit = tokio::time::timeout(Duration::from_secs(30), scenario.hub.child.wait())
+            .await
+            .expect("the hub stops by itself once its disk is full")
+            .expect("the hub's exit status");
+        assert_eq!(
+            exit.code(),
+            Some(1),
+            "the hub stops with a failure, not a panic"
+        );
+        let (accepted, sent) = {
+            let tally = shared.tally();
+            (tally.accepted.len(), tally.sent)
+        };
+        assert!(accepted < sent, "the disk filled before the load ended");
+        // Started again by its supervisor before there is room, it stops again the same way.
+        let again = tokio::process::Command::new(env!("CARGO_BIN_EXE_lienthong"))
+            .args(["serve", "--config"])
+            .arg(&scenario.files.config_path)
+            .env("RUST_LOG", "off")
+            .kill_on_drop(true)
+            .output();
+        let again = tokio::time::timeout(Duration::from_secs(30), again)
+            .await
+            .expect("started on a full disk, the hub stops by itself")
+            .expect("the hub's output");
+        let printed = String::from_utf8_lossy(&again.stderr);
+        assert_eq!(again.status.code(), Some(1), "{printed}");
+        assert!(printed.contains("its disk is full"), "{printed}");
+        disk.free();
+        scenario.hub = HubProcess::start(&scenario.files, &scenario.options).await;
+        wait_for(load).await;
+        report("disk-full", &scenario.endpoint, &shared, 0).await;
+        let refused_acks: usize = shared.tally().ack_refusals.values().map(Vec::len).sum();
+        println!("scenario disk-full: {refused_acks} Ack answers other than success");
         scenario.hub.kill().await;
         scenario.files.delete_topology().await;
         // Unmounted before the scenario's directory, which holds the mount point, is removed.
@@ -903,21 +1005,27 @@ mod faults {
         hub.finish().await;
     }
 
-    /// A RabbitMQ memory alarm, raised by a high watermark of 0: RabbitMQ then blocks every
-    /// connection that publishes. Dropped, it puts the watermark back as it was, even after a
-    /// panic.
-    struct MemoryAlarm {
-        watermark: Vec<String>,
+    /// A RabbitMQ resource alarm, raised by a limit the node is already past: a memory high
+    /// watermark of 0, or a disk free limit above the free space. RabbitMQ then blocks every
+    /// connection that publishes. Dropped, it puts the limit back as it was, even after a panic.
+    struct ResourceAlarm {
+        /// The `rabbitmqctl` command that sets the limit.
+        command: &'static str,
+        raised: Vec<String>,
+        restored: Vec<String>,
     }
 
-    impl MemoryAlarm {
+    /// The disk free limit a disk alarm sets: 1 PB, above any disk's free space.
+    const DISK_LIMIT_RAISED: u64 = 1 << 50;
+
+    impl ResourceAlarm {
         /// Reads the watermark to put back. A run killed while its alarm was raised left 0:
         /// RabbitMQ's default is put back at once instead.
-        fn ready() -> MemoryAlarm {
+        fn memory() -> ResourceAlarm {
             let printed =
                 rabbitmqctl_output(&["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."]);
             // `0.4`, or `{absolute,1073741824}` when set in bytes.
-            let watermark = match printed.trim().trim_matches(['{', '}']).split_once(',') {
+            let restored = match printed.trim().trim_matches(['{', '}']).split_once(',') {
                 Some(("absolute", bytes)) => vec!["absolute".to_owned(), bytes.trim().to_owned()],
                 _ if printed.trim().parse::<f64>() == Ok(0.0) => {
                     rabbitmqctl(&["set_vm_memory_high_watermark", "0.4"]);
@@ -925,19 +1033,44 @@ mod faults {
                 }
                 _ => vec![printed.trim().to_owned()],
             };
-            MemoryAlarm { watermark }
+            ResourceAlarm {
+                command: "set_vm_memory_high_watermark",
+                raised: vec!["0".to_owned()],
+                restored,
+            }
+        }
+
+        /// Reads the disk free limit to put back (in bytes). A run killed while its alarm was
+        /// raised left the raised limit: RabbitMQ's default (50 MB) is put back at once instead.
+        fn disk() -> ResourceAlarm {
+            let printed =
+                rabbitmqctl_output(&["eval", "rabbit_disk_monitor:get_disk_free_limit()."]);
+            let limit = match printed.trim().parse::<u64>() {
+                Ok(bytes) if bytes < DISK_LIMIT_RAISED => bytes,
+                _ => {
+                    rabbitmqctl(&["set_disk_free_limit", "50000000"]);
+                    50_000_000
+                }
+            };
+            ResourceAlarm {
+                command: "set_disk_free_limit",
+                raised: vec![DISK_LIMIT_RAISED.to_string()],
+                restored: vec![limit.to_string()],
+            }
         }
 
         fn raise(&self) {
-            rabbitmqctl(&["set_vm_memory_high_watermark", "0"]);
+            let mut args = vec![self.command];
+            args.extend(self.raised.iter().map(String::as_str));
+            rabbitmqctl(&args);
         }
     }
 
-    impl Drop for MemoryAlarm {
+    impl Drop for ResourceAlarm {
         fn drop(&mut self) {
             let _ = std::process::Command::new("rabbitmqctl")
-                .arg("set_vm_memory_high_watermark")
-                .args(&self.watermark)
+                .arg(self.command)
+                .args(&self.restored)
                 .stdout(std::process::Stdio::null())
                 .status();
         }
@@ -950,9 +1083,18 @@ mod faults {
     /// meanwhile waits in the hub's outbox and flows after it.
     #[tokio::test]
     async fn a_recipient_drains_its_queue_during_a_memory_alarm() {
+        drain_during(ResourceAlarm::memory(), "memory-alarm").await;
+    }
+
+    /// A disk alarm blocks publishers as a memory alarm does: the same holds.
+    #[tokio::test]
+    async fn a_recipient_drains_its_queue_during_a_disk_alarm() {
+        drain_during(ResourceAlarm::disk(), "disk-alarm").await;
+    }
+
+    async fn drain_during(alarm: ResourceAlarm, name: &str) {
         const BACKLOG: usize = 100;
-        let alarm = MemoryAlarm::ready();
-        let hub = TestHub::start("alarm", HubOptions::new(TransportKind::Amqp)).await;
+        let hub = TestHub::start(name, HubOptions::new(TransportKind::Amqp)).await;
         let mut commune = hub.client(COMMUNE).await;
         let mut district = hub.client(DISTRICT).await;
         let mut backlog = HashSet::new();

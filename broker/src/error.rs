@@ -62,9 +62,16 @@ impl From<HubError> for tonic::Status {
             HubError::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
             HubError::Unavailable(_) => tonic::Status::unavailable(message),
             HubError::Store(StoreError::Nothing(_)) => tonic::Status::failed_precondition(message),
-            HubError::Store(_) => {
+            HubError::Store(failure) => {
                 tracing::error!(%message, "storage failure");
-                tonic::Status::internal(format!("storage failure: {message}"))
+                match failure {
+                    // The disk failed: the hub stops and starts again, and what was asked can
+                    // be asked again then.
+                    StoreError::Failed(_) | StoreError::Sled(sled::Error::Io(_)) => {
+                        tonic::Status::unavailable(message)
+                    }
+                    _ => tonic::Status::internal(format!("storage failure: {message}")),
+                }
             }
             HubError::Transport(_) => {
                 tracing::warn!(%message, "transport failure");

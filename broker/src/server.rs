@@ -1,5 +1,6 @@
 //! Starting and stopping a hub: open the store, start the transport and the outbox publisher,
-//! serve gRPC (with health and reflection) until shutdown, then drain.
+//! serve gRPC (with health and reflection) until shutdown, or until the database can no longer
+//! write, then drain.
 
 use crate::config::{Config, TransportConfig};
 use crate::directory::AgencyDirectory;
@@ -212,6 +213,7 @@ async fn serve<T: Transport>(
     let local_address = listener.local_addr()?;
     tracing::info!(grpc = %local_address, http = %http_address, "serving");
     let stop_streams = stop.clone();
+    let failed_store = store.clone();
     let router = tonic::transport::Server::builder()
         .max_frame_size(Some(MAX_HTTP2_FRAME_BYTES))
         .add_service(health_service)
@@ -220,8 +222,16 @@ async fn serve<T: Transport>(
         .add_service(AdminServer::new(AdminService::new(hub.clone())))
         .add_service(AuditServer::new(AuditService::new(hub.clone())));
     let on_shutdown = async move {
-        shutdown.await;
-        tracing::info!("shutting down: refusing new requests, closing streams");
+        tokio::select! {
+            () = shutdown => {
+                tracing::info!("shutting down: refusing new requests, closing streams");
+            }
+            // Nothing can be made durable any more: stop, so that a new start reopens the
+            // database from what reached the disk (and the supervisor restarts the hub).
+            failure = failed_store.failure() => {
+                tracing::error!(%failure, "the database cannot write: stopping the hub");
+            }
+        }
         health_reporter
             .set_not_serving::<DocumentExchangeServer<ExchangeService<T>>>()
             .await;
@@ -270,7 +280,12 @@ async fn serve<T: Transport>(
     if let Some(relay) = relay {
         let _ = tokio::time::timeout(grace, relay).await;
     }
-    store.durable().await?;
+    if let Err(failure) = store.durable().await {
+        // Dropped, each of sled's trees would try to flush again and log the same error: the
+        // failed database is left as it is to the process's exit.
+        std::mem::forget(store);
+        return Err(failure.into());
+    }
     tracing::info!(waiting_in_outbox = store.outbox_len(), "hub stopped");
     result
 }

@@ -59,6 +59,10 @@ pub enum StoreError {
         source: sled::Error,
     },
     #[error(
+        "cannot open the hub's database in {data_dir}: its disk is full; the hub starts once there is room"
+    )]
+    DiskFull { data_dir: PathBuf },
+    #[error(
         "the hub's database in {data_dir} has lost records: its receipt log ends at #{found}, but #{durable} was on disk before; the hub refuses to start on a damaged database (restore it from a backup)"
     )]
     LostRecords {
@@ -68,6 +72,13 @@ pub enum StoreError {
     },
     #[error("database error: {0}")]
     Sled(#[from] sled::Error),
+    /// A flush of the database failed (a full or failing disk). sled keeps its first write
+    /// error and fails every write after it, so the hub stops; a new start reopens the
+    /// database from what reached the disk.
+    #[error(
+        "the hub's database cannot write to disk ({0}); the hub stops, to start again from what is on disk"
+    )]
+    Failed(String),
     #[error("a stored record is unreadable: {0}")]
     Corrupt(String),
     /// A request that finds nothing to act on (mapped to FAILED_PRECONDITION).
@@ -221,9 +232,16 @@ impl Store {
         policy: CheckpointPolicy,
         cache_bytes: u64,
     ) -> Result<Store, StoreError> {
-        let open_error = |source| StoreError::Open {
-            data_dir: data_dir.to_owned(),
-            source,
+        let open_error = |source| match source {
+            sled::Error::Io(error) if error.kind() == std::io::ErrorKind::StorageFull => {
+                StoreError::DiskFull {
+                    data_dir: data_dir.to_owned(),
+                }
+            }
+            source => StoreError::Open {
+                data_dir: data_dir.to_owned(),
+                source,
+            },
         };
         let db = sled::Config::new()
             .path(data_dir)
@@ -293,6 +311,12 @@ impl Store {
     /// Waits until every write made before this call is on disk. Concurrent callers share flushes.
     pub async fn durable(&self) -> Result<(), StoreError> {
         self.inner.group_commit.wait().await
+    }
+
+    /// Resolves, with the reason, once the database has failed to write: from then on no write
+    /// becomes durable, and [`Store::durable`] answers [`StoreError::Failed`].
+    pub async fn failure(&self) -> String {
+        self.inner.group_commit.failure().await
     }
 
     /// The database's size on disk, in bytes (0 if it cannot be read).
@@ -1537,33 +1561,64 @@ fn receipts_end(receipts: &sled::Tree) -> Result<u64, StoreError> {
         .map_or(0, |key| u64::from_be_bytes(key) + 1))
 }
 
+/// How long the group committer waits for a writer before it flushes anyway: sled's own flushing
+/// thread may have met a write error, which only a flush reports, and nothing else would stop a
+/// hub whose database can no longer write.
+const IDLE_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Groups the flushes of concurrent writers: each waiter takes a ticket after its write, and one
 /// flush that starts after a ticket was taken makes that ticket's write durable.
 #[derive(Debug)]
 struct GroupCommit {
     requested: AtomicU64,
-    completed: watch::Sender<u64>,
+    flushed: watch::Sender<Flushed>,
     wake: Notify,
+}
+
+/// What the group committer has made durable, or why it stopped.
+#[derive(Debug, Default)]
+struct Flushed {
+    /// Every ticket up to this one is on disk.
+    through: u64,
+    /// Set by the first flush that fails; no flush runs after it.
+    failure: Option<String>,
 }
 
 impl GroupCommit {
     fn new() -> Self {
         GroupCommit {
             requested: AtomicU64::new(0),
-            completed: watch::Sender::new(0),
+            flushed: watch::Sender::new(Flushed::default()),
             wake: Notify::new(),
         }
     }
 
     async fn wait(&self) -> Result<(), StoreError> {
         let ticket = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut completed = self.completed.subscribe();
+        let mut flushed = self.flushed.subscribe();
         self.wake.notify_one();
-        completed
-            .wait_for(|done| *done >= ticket)
+        let flushed = flushed
+            .wait_for(|flushed| flushed.through >= ticket || flushed.failure.is_some())
             .await
             .map_err(|_| StoreError::Corrupt("the database flusher stopped".into()))?;
-        Ok(())
+        match &flushed.failure {
+            Some(failure) if flushed.through < ticket => Err(StoreError::Failed(failure.clone())),
+            _ => Ok(()),
+        }
+    }
+
+    /// Resolves with the reason once a flush has failed.
+    async fn failure(&self) -> String {
+        let mut flushed = self.flushed.subscribe();
+        let failure = flushed
+            .wait_for(|flushed| flushed.failure.is_some())
+            .await
+            .map(|flushed| flushed.failure.clone().unwrap_or_default());
+        match failure {
+            Ok(failure) => failure,
+            // The committer is gone with the store: nothing can fail any more.
+            Err(_) => std::future::pending().await,
+        }
     }
 
     async fn run(this: Arc<GroupCommit>, db: sled::Db, receipts: sled::Tree, watermark: Watermark) {
@@ -1572,9 +1627,12 @@ impl GroupCommit {
         // async workers that serve everything else.
         let watermark = Arc::new(std::sync::Mutex::new(watermark));
         loop {
-            this.wake.notified().await;
+            let woken = tokio::time::timeout(IDLE_FLUSH_INTERVAL, this.wake.notified())
+                .await
+                .is_ok();
             let target = this.requested.load(Ordering::SeqCst);
-            if target <= *this.completed.borrow() {
+            // A writer's wake-up that an earlier flush already served; the idle flush runs anyway.
+            if woken && target <= this.flushed.borrow().through {
                 continue;
             }
             // Taken before the flush starts, so the flush covers the receipt it names.
@@ -1588,21 +1646,26 @@ impl GroupCommit {
                     .unwrap_or_else(PoisonError::into_inner)
                     .advance(high);
                 Ok::<(), sled::Error>(())
-            });
-            match flushed.await {
+            })
+            .await;
+            // A failed flush is not retried: sled fails every write after its first failed one,
+            // and what a failed write left on disk is known only to the next start's recovery.
+            let failure = match flushed {
                 Ok(Ok(())) => {
-                    this.completed.send_replace(target);
+                    this.flushed.send_if_modified(|flushed| {
+                        let advanced = target > flushed.through;
+                        flushed.through = flushed.through.max(target);
+                        advanced
+                    });
+                    continue;
                 }
-                Ok(Err(error)) => {
-                    tracing::error!(%error, "flushing the database failed; retrying");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    this.wake.notify_one();
-                }
-                Err(join_error) => {
-                    tracing::error!(%join_error, "the database flush task failed; retrying");
-                    this.wake.notify_one();
-                }
-            }
+                Ok(Err(error)) => error.to_string(),
+                Err(join_error) => format!("the flush stopped: {join_error}"),
+            };
+            tracing::error!(%failure, "flushing the database failed; no write can be made durable any more");
+            this.flushed
+                .send_modify(|flushed| flushed.failure = Some(failure));
+            return;
         }
     }
 }
