@@ -735,7 +735,22 @@ mod faults {
             }
         }
 
-        /// Removes what [`LoopDisk::fill`] wrote.
+        /// Writes one file until `room` bytes are left free (as an unprivileged process sees
+        /// it, as the hub's floor does), give or take a MiB.
+        fn fill_leaving(&self, room: u64) {
+            use std::io::Write;
+            let stats = rustix::fs::statvfs(&self.mount_point).expect("statvfs");
+            let free = stats.f_bavail * stats.f_frsize;
+            let mut filler = std::fs::File::create(self.mount_point.join(Self::FILLER))
+                .expect("create the filler");
+            let chunk = vec![0u8; 1 << 20];
+            for _ in 0..free.saturating_sub(room) >> 20 {
+                filler.write_all(&chunk).expect("fill the disk");
+            }
+            filler.sync_all().expect("sync the filler");
+        }
+
+        /// Removes what [`LoopDisk::fill`] or [`LoopDisk::fill_leaving`] wrote.
         fn free(&self) {
             std::fs::remove_file(self.mount_point.join(Self::FILLER)).expect("remove the filler");
         }
@@ -924,6 +939,78 @@ mod faults {
         scenario.hub.kill().await;
         scenario.files.delete_topology().await;
         // Unmounted before the scenario's directory, which holds the mount point, is removed.
+        drop(disk);
+    }
+
+    /// Below `[storage] min_free_mib` on its disk, the hub refuses new documents with
+    /// UNAVAILABLE naming the floor, and delivers and records the acknowledgement of what it
+    /// accepted before, on the room left; with room again, it accepts again. It never stops.
+    #[tokio::test]
+    async fn below_its_disk_floor_the_hub_refuses_new_documents_and_delivers_the_rest() {
+        const FLOOR_MIB: u64 = 100;
+        let options = HubOptions {
+            min_free_mib: FLOOR_MIB,
+            ..chaos_options()
+        };
+        let files = HubFiles::create("chaos_low", &options);
+        let disk = LoopDisk::mount(&files.data_dir());
+        let mut hub = HubProcess::start(&files, &options).await;
+        let mut commune = hub.client(COMMUNE).await;
+        let mut district = hub.client(DISTRICT).await;
+        let before = send(
+            &mut commune,
+            document(COMMUNE, &[DISTRICT], "before the disk runs low"),
+        )
+        .await;
+
+        disk.fill_leaving((FLOOR_MIB / 2) << 20);
+        let refused = commune
+            .send(wire::SendRequest {
+                document: Some(document(COMMUNE, &[DISTRICT], "while the disk is low")),
+            })
+            .await
+            .expect_err("a new document while the disk is below its floor");
+        assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+        assert!(
+            refused
+                .message()
+                .contains("below its floor of 100 MiB ([storage] min_free_mib)"),
+            "{}",
+            refused.message()
+        );
+        let (_, metrics) = http_get(&options.http_listen, "/metrics").await;
+        let free: u64 = metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("lienthong_disk_free_bytes "))
+            .and_then(|value| value.trim().parse().ok())
+            .expect("lienthong_disk_free_bytes in /metrics");
+        assert!(free < FLOOR_MIB << 20, "{free} bytes free");
+        let (status, readiness) = http_get(&options.http_listen, "/readyz").await;
+        assert_eq!(status, 200, "still ready: it delivers");
+        assert!(readiness.contains("below the floor"), "{readiness}");
+
+        let mut stream = open_stream(&mut district).await;
+        let delivery = next_delivery(&mut stream).await;
+        assert_eq!(delivered_document(&delivery).document_id, before);
+        ack(&mut district, &delivery).await;
+
+        disk.free();
+        let after = send(
+            &mut commune,
+            document(COMMUNE, &[DISTRICT], "after the disk has room"),
+        )
+        .await;
+        let delivery = next_delivery(&mut stream).await;
+        assert_eq!(delivered_document(&delivery).document_id, after);
+        ack(&mut district, &delivery).await;
+        assert!(
+            hub.child.try_wait().expect("the hub's state").is_none(),
+            "the hub ran throughout"
+        );
+        drop(stream);
+        hub.kill().await;
+        files.delete_topology().await;
+        // Unmounted before the hub's directory, which holds the mount point, is removed.
         drop(disk);
     }
 

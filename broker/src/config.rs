@@ -20,6 +20,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// The database's page cache, in bytes (`[storage] cache_mib`).
     pub cache_bytes: u64,
+    /// Below this much free space on the database's disk, new documents are refused
+    /// (`[storage] min_free_mib`, in bytes here); 0 turns the floor off.
+    pub min_free_disk_bytes: u64,
     pub transport: TransportConfig,
     pub directory_file: PathBuf,
     pub limits: Limits,
@@ -306,11 +309,16 @@ impl Default for ServerToml {
     }
 }
 
+/// `[storage] min_free_mib` when the file does not set it: room for a few of the largest
+/// documents and for what the documents already accepted still write (receipts, marks).
+const DEFAULT_MIN_FREE_MIB: u64 = 256;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct StorageToml {
     data_dir: PathBuf,
     cache_mib: u64,
+    min_free_mib: u64,
 }
 
 impl Default for StorageToml {
@@ -318,6 +326,7 @@ impl Default for StorageToml {
         StorageToml {
             data_dir: "data".into(),
             cache_mib: crate::store::DEFAULT_CACHE_BYTES / (1024 * 1024),
+            min_free_mib: DEFAULT_MIN_FREE_MIB,
         }
     }
 }
@@ -443,6 +452,7 @@ impl Config {
                 StorageToml {
                     data_dir,
                     cache_mib,
+                    min_free_mib,
                 },
             transport:
                 TransportToml {
@@ -642,6 +652,7 @@ impl Config {
             http_listen,
             data_dir,
             cache_bytes: cache_mib * 1024 * 1024,
+            min_free_disk_bytes: min_free_mib.saturating_mul(1024 * 1024),
             transport,
             directory_file,
             limits: Limits {

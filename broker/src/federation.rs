@@ -194,6 +194,7 @@ impl<T: Transport> Hub<T> {
                 "Forward: identity {from_hub} is not a hub this hub exchanges with ([[peer]])"
             )));
         }
+        self.check_disk_floor()?;
         let wire::ForwardRequest {
             message_id,
             recipient,

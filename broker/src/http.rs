@@ -116,6 +116,18 @@ async fn readyz<T: Transport>(State(hub): State<Hub<T>>) -> impl IntoResponse {
             "warning: no authentication (identity from x-lienthong-agency metadata)"
         },
     );
+    // Below the floor the hub refuses new documents but delivers the rest: reported, not a
+    // reason to take the hub out of service.
+    let floor = hub.config().min_free_disk_bytes;
+    match hub.store().free_disk_bytes() {
+        Some(free) if free < floor => body.push_str(&format!(
+            "disk: {} MiB free, below the floor of {} MiB ([storage] min_free_mib): new documents are refused\n",
+            free >> 20,
+            floor >> 20
+        )),
+        Some(free) => body.push_str(&format!("disk: {} MiB free\n", free >> 20)),
+        None => body.push_str("disk: free space unknown\n"),
+    }
     // A province goes on without its central hub, so the uplink is reported, not required.
     if let Some(uplink) = &hub.config().federation.uplink {
         body.push_str(&if hub.uplink_connected() {
@@ -142,6 +154,7 @@ async fn metrics<T: Transport>(State(hub): State<Hub<T>>) -> impl IntoResponse {
         outbox_depth: hub.store().outbox_len(),
         transport_connected: hub.transport().is_ready(),
         database_bytes: hub.store().size_on_disk(),
+        disk_free_bytes: hub.store().free_disk_bytes(),
         uplink_connected: hub.uplink_connected(),
     });
     (

@@ -384,6 +384,25 @@ impl<T: Transport> Hub<T> {
         &self.inner.outbox_wakeup
     }
 
+    /// Refuses new documents while the database's disk has less free space than `[storage]
+    /// min_free_mib`: what room is left serves the documents already accepted (their
+    /// deliveries, acknowledgements and receipts), so that the disk does not fill up and stop
+    /// the hub.
+    pub(crate) fn check_disk_floor(&self) -> Result<(), HubError> {
+        let floor = self.inner.config.min_free_disk_bytes;
+        if floor == 0 {
+            return Ok(());
+        }
+        match self.inner.store.free_disk_bytes() {
+            Some(free) if free < floor => Err(HubError::Unavailable(format!(
+                "the hub's disk has {} MiB free, below its floor of {} MiB ([storage] min_free_mib); retry later",
+                free >> 20,
+                floor >> 20
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// The limits every document is checked against (`[limits]`).
     pub(crate) fn document_limits(&self) -> DocumentLimits {
         let limits = &self.inner.config.limits;
@@ -436,6 +455,7 @@ impl<T: Transport> Hub<T> {
                 "the outbox holds {waiting} messages and its bound is {bound} (limits.max_outbox_messages); retry later"
             )));
         }
+        self.check_disk_floor()?;
 
         // The hop of this hub, like edXML's TraceHeader; not part of the content hash.
         let now = now_unix_ms();

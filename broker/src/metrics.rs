@@ -66,6 +66,7 @@ pub struct Metrics {
     transport_connected: Gauge,
     uplink_connected: Gauge,
     database_bytes: Gauge,
+    disk_free_bytes: Gauge,
     queue_messages: Family<QueueLabels, Gauge>,
     queue_consumers: Family<QueueLabels, Gauge>,
     oldest_waiting_seconds: Family<UrgencyLabels, Gauge>,
@@ -78,6 +79,8 @@ pub struct Snapshot {
     pub outbox_depth: u64,
     pub transport_connected: bool,
     pub database_bytes: u64,
+    /// Free space on the database's disk (`None`: unreadable, reported as -1).
+    pub disk_free_bytes: Option<u64>,
     pub uplink_connected: bool,
 }
 
@@ -139,6 +142,12 @@ impl Metrics {
             "Size of the hub's sled database on disk",
             database_bytes.clone(),
         );
+        let disk_free_bytes = Gauge::default();
+        registry.register(
+            "disk_free_bytes",
+            "Free space on the disk of the hub's database, as an unprivileged process sees it; below [storage] min_free_mib new documents are refused (-1: unreadable)",
+            disk_free_bytes.clone(),
+        );
         let queue_messages = Family::<QueueLabels, Gauge>::default();
         registry.register(
             "queue_messages",
@@ -177,6 +186,7 @@ impl Metrics {
             transport_connected,
             uplink_connected,
             database_bytes,
+            disk_free_bytes,
         }
     }
 
@@ -244,6 +254,11 @@ impl Metrics {
             .set(i64::from(snapshot.uplink_connected));
         self.database_bytes
             .set(i64::try_from(snapshot.database_bytes).unwrap_or(i64::MAX));
+        self.disk_free_bytes.set(
+            snapshot
+                .disk_free_bytes
+                .map_or(-1, |free| i64::try_from(free).unwrap_or(i64::MAX)),
+        );
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");
@@ -265,6 +280,7 @@ mod tests {
             outbox_depth: 7,
             transport_connected: true,
             database_bytes: 4096,
+            disk_free_bytes: Some(1 << 30),
             uplink_connected: false,
         });
         assert!(
@@ -275,6 +291,10 @@ mod tests {
         );
         assert!(text.contains("lienthong_outbox_depth 7"), "{text}");
         assert!(text.contains("lienthong_transport_connected 1"), "{text}");
+        assert!(
+            text.contains("lienthong_disk_free_bytes 1073741824"),
+            "{text}"
+        );
         assert!(
             text.contains("lienthong_send_latency_seconds_count 1"),
             "{text}"

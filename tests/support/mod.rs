@@ -123,6 +123,9 @@ pub struct HubOptions {
     pub extra_toml: String,
     /// `[storage] cache_mib`.
     pub cache_mib: u64,
+    /// `[storage] min_free_mib`: 0 (off) unless a test sets it, so that the suite does not
+    /// depend on the free space of the machine it runs on.
+    pub min_free_mib: u64,
 }
 
 impl HubOptions {
@@ -150,6 +153,7 @@ impl HubOptions {
             agencies: None,
             extra_toml: String::new(),
             cache_mib: lienthong::store::DEFAULT_CACHE_BYTES / (1024 * 1024),
+            min_free_mib: 0,
         }
     }
 }
@@ -202,6 +206,7 @@ http_listen = "{http_listen}"
 [storage]
 data_dir = "{data_dir}"
 cache_mib = {cache_mib}
+min_free_mib = {min_free_mib}
 [transport]
 kind = "{kind}"
 amqp_url = "{amqp_url}"
@@ -233,6 +238,7 @@ sample_interval_ms = {sample_interval_ms}
 "#,
             hub_code = options.hub_code,
             cache_mib = options.cache_mib,
+            min_free_mib = options.min_free_mib,
             role = options.role,
             log_format = options.log_format,
             sample_interval_ms = options.sample_interval_ms,

@@ -181,6 +181,7 @@ pub struct Store {
 #[derive(Debug)]
 struct StoreInner {
     db: sled::Db,
+    data_dir: PathBuf,
     hub_code: String,
     documents: sled::Tree,
     document_bodies: sled::Tree,
@@ -297,6 +298,7 @@ impl Store {
                 group_commit,
                 flusher,
                 db,
+                data_dir: data_dir.to_owned(),
             }),
         };
         tokio::spawn(ledger::run_appender(Arc::downgrade(&store.inner)));
@@ -317,6 +319,18 @@ impl Store {
     /// becomes durable, and [`Store::durable`] answers [`StoreError::Failed`].
     pub async fn failure(&self) -> String {
         self.inner.group_commit.failure().await
+    }
+
+    /// The free space on the database's file system, in bytes, as an unprivileged process sees
+    /// it (root's reserved blocks left out); `None` if it cannot be read.
+    pub fn free_disk_bytes(&self) -> Option<u64> {
+        match rustix::fs::statvfs(&self.inner.data_dir) {
+            Ok(stats) => Some(stats.f_bavail.saturating_mul(stats.f_frsize)),
+            Err(error) => {
+                tracing::debug!(%error, "cannot read the free space of the database's disk");
+                None
+            }
+        }
     }
 
     /// The database's size on disk, in bytes (0 if it cannot be read).
