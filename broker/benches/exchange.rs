@@ -595,14 +595,21 @@ fn share(total: usize, senders: usize, n: usize) -> usize {
     total / senders + usize::from(n < total % senders)
 }
 
+/// A benchmarked hub's options for documents of `size`: the disk floor is the default
+/// configuration's, so that its check costs what it costs in production.
+fn bench_options(size: usize) -> HubOptions {
+    HubOptions {
+        max_document_bytes: size + 64 * 1024,
+        prefetch: PREFETCH,
+        min_free_mib: lienthong::config::DEFAULT_MIN_FREE_MIB,
+        ..HubOptions::new(TransportKind::Amqp)
+    }
+}
+
 /// The hub end to end: a release `lienthong` process, `senders` clients sending from one
 /// commune, one district receiving and acknowledging.
 async fn hub(case: Case) -> Outcome {
-    let options = HubOptions {
-        max_document_bytes: case.size + 64 * 1024,
-        prefetch: PREFETCH,
-        ..HubOptions::new(TransportKind::Amqp)
-    };
+    let options = bench_options(case.size);
     let files = HubFiles::create("bench", &options);
     let hub = HubProcess::start(&files, &options).await;
     let pid = hub.child.id().expect("running");
@@ -752,11 +759,7 @@ struct OpenLoop {
 /// Offers `rate` 16 KiB documents a second for `seconds`, each `Send` started on schedule
 /// whether or not the earlier ones were answered, to a hub whose district streams and acks.
 async fn open_loop(rate: u32, seconds: u32, size: usize) -> OpenLoop {
-    let options = HubOptions {
-        max_document_bytes: size + 64 * 1024,
-        prefetch: PREFETCH,
-        ..HubOptions::new(TransportKind::Amqp)
-    };
+    let options = bench_options(size);
     let files = HubFiles::create("bench-open", &options);
     let hub = HubProcess::start(&files, &options).await;
     let pid = hub.child.id().expect("running");
@@ -825,6 +828,7 @@ async fn restart_with_outbox(waiting: usize) -> Restart {
         amqp_url: Some(format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port())),
         max_outbox_messages: waiting as u64 + 10_000,
         grpc_listen: format!("127.0.0.1:{}", free_port()),
+        min_free_mib: lienthong::config::DEFAULT_MIN_FREE_MIB,
         ..HubOptions::new(TransportKind::Amqp)
     };
     let files = HubFiles::create("bench-restart", &options);

@@ -311,7 +311,7 @@ impl Default for ServerToml {
 
 /// `[storage] min_free_mib` when the file does not set it: room for a few of the largest
 /// documents and for what the documents already accepted still write (receipts, marks).
-const DEFAULT_MIN_FREE_MIB: u64 = 256;
+pub const DEFAULT_MIN_FREE_MIB: u64 = 256;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
