@@ -786,14 +786,21 @@ mod faults {
         );
     }
 
-    /// The hub's disk stalls mid-load: every write waits for 2 s. No `Send` is answered while
-    /// nothing can be made durable, yet the hub keeps answering what needs no write (`/healthz`,
-    /// `/metrics`, `Track`); when the disk is back, everything flows, nothing lost or shown
-    /// again after its acknowledgement.
-    #[tokio::test]
-    async fn the_disk_stalls_mid_load() {
+    /// A scenario whose hub keeps its data on a [`LoopDisk`], with four times the scale's
+    /// documents flowing and the first of them accepted. The disk comes apart from the
+    /// scenario, to be bound after it (dropped first), so that after a panic it thaws and
+    /// unmounts before the scenario's directory is removed (a removal on a frozen file system
+    /// would wait).
+    async fn start_on_a_loop_disk(
+        name: &str,
+        tag: &str,
+    ) -> (
+        Scenario,
+        LoopDisk,
+        (tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>),
+    ) {
         let options = chaos_options();
-        let files = HubFiles::create("chaos_disk", &options);
+        let files = HubFiles::create(name, &options);
         let disk = LoopDisk::mount(&files.data_dir());
         let endpoint = endpoint_of(&options);
         let hub = HubProcess::start(&files, &options).await;
@@ -804,20 +811,29 @@ mod faults {
             hub,
             shared: Shared::default(),
         };
-        // Declared after the scenario, so that after a panic it thaws and unmounts before the
-        // scenario's directory is removed (a removal on a frozen file system would wait).
-        let disk = disk;
-        let shared = scenario.shared.clone();
+        let disk = disk; // Bound after the scenario here too, for a panic below.
         let load = scenario.load(
-            documents(scale().documents * 4, "disk"),
+            documents(scale().documents * 4, tag),
             RecipientBehaviour::default(),
         );
+        let shared = scenario.shared.clone();
         eventually(
             "the first documents are accepted",
             Duration::from_secs(30),
             || async { shared.tally().accepted.len() >= 20 },
         )
         .await;
+        (scenario, disk, load)
+    }
+
+    /// The hub's disk stalls mid-load: every write waits for 2 s. No `Send` is answered while
+    /// nothing can be made durable, yet the hub keeps answering what needs no write (`/healthz`,
+    /// `/metrics`, `Track`); when the disk is back, everything flows, nothing lost or shown
+    /// again after its acknowledgement.
+    #[tokio::test]
+    async fn the_disk_stalls_mid_load() {
+        let (scenario, disk, load) = start_on_a_loop_disk("chaos_disk", "disk").await;
+        let shared = scenario.shared.clone();
         disk.freeze();
         let frozen_at = tokio::time::Instant::now();
         // Sends already past their flush may still be answered in the first moments.
@@ -875,32 +891,8 @@ mod faults {
     /// the disk: nothing accepted is lost, nothing acknowledged is shown again.
     #[tokio::test]
     async fn the_disk_fills_mid_load() {
-        let options = chaos_options();
-        let files = HubFiles::create("chaos_full", &options);
-        let disk = LoopDisk::mount(&files.data_dir());
-        let endpoint = endpoint_of(&options);
-        let hub = HubProcess::start(&files, &options).await;
-        let mut scenario = Scenario {
-            files,
-            options,
-            endpoint,
-            hub,
-            shared: Shared::default(),
-        };
-        // Declared after the scenario, so that after a panic it unmounts before the scenario's
-        // directory is removed.
-        let disk = disk;
+        let (mut scenario, disk, load) = start_on_a_loop_disk("chaos_full", "full").await;
         let shared = scenario.shared.clone();
-        let load = scenario.load(
-            documents(scale().documents * 4, "full"),
-            RecipientBehaviour::default(),
-        );
-        eventually(
-            "the first documents are accepted",
-            Duration::from_secs(30),
-            || async { shared.tally().accepted.len() >= 20 },
-        )
-        .await;
         disk.fill();
         let exit = tokio::time::timeout(Duration::from_secs(30), scenario.hub.child.wait())
             .await
