@@ -894,10 +894,12 @@ mod faults {
         let (mut scenario, disk, load) = start_on_a_loop_disk("chaos_full", "full").await;
         let shared = scenario.shared.clone();
         disk.fill();
+        let filled_at = tokio::time::Instant::now();
         let exit = tokio::time::timeout(Duration::from_secs(30), scenario.hub.child.wait())
             .await
             .expect("the hub stops by itself once its disk is full")
             .expect("the hub's exit status");
+        let stopped_after = filled_at.elapsed();
         assert_eq!(
             exit.code(),
             Some(1),
@@ -926,8 +928,16 @@ mod faults {
         scenario.hub = HubProcess::start(&scenario.files, &scenario.options).await;
         wait_for(load).await;
         report("disk-full", &scenario.endpoint, &shared, 0).await;
-        let refused_acks: usize = shared.tally().ack_refusals.values().map(Vec::len).sum();
-        println!("scenario disk-full: {refused_acks} Ack answers other than success");
+        // What the recipient's `Ack`s met around the stop, by code.
+        let mut refusals = std::collections::BTreeMap::<String, usize>::new();
+        for refusal in shared.tally().ack_refusals.values().flatten() {
+            let code = refusal.split(':').next().unwrap_or_default().to_owned();
+            *refusals.entry(code).or_default() += 1;
+        }
+        println!(
+            "scenario disk-full: the hub stopped {} ms after the disk filled; Ack answers other than success: {refusals:?}",
+            stopped_after.as_millis()
+        );
         scenario.hub.kill().await;
         scenario.files.delete_topology().await;
         // Unmounted before the scenario's directory, which holds the mount point, is removed.
