@@ -365,6 +365,35 @@ async fn forward_is_for_peer_hubs_and_refuses_loops() {
     federation.finish().await;
 }
 
+/// Below its disk floor a hub refuses what another hub hands over as it refuses `Send`:
+/// UNAVAILABLE, naming the floor, which the forwarding hub retries later.
+#[tokio::test]
+async fn below_its_disk_floor_a_hub_refuses_what_is_forwarded() {
+    let mut federation = Federation::start("fed-floor", TransportKind::Amqp).await;
+    // A floor above any disk's free space.
+    federation.central.options.min_free_mib = u64::MAX >> 21;
+    federation.central.restart_after(Duration::ZERO).await;
+    let mut province_a = lienthong::client::connect(federation.central.endpoint(), PROVINCE_A)
+        .await
+        .expect("connect");
+    let document = document(COMMUNE_A, &[COMMUNE_B], "while the disk is low");
+    let refused = province_a
+        .forward(wire::ForwardRequest {
+            message_id: document.document_id.clone(),
+            recipient: COMMUNE_B.into(),
+            payload: Some(wire::forward_request::Payload::Document(document)),
+        })
+        .await
+        .expect_err("a document forwarded while the disk is below its floor");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("[storage] min_free_mib"),
+        "{}",
+        refused.message()
+    );
+    federation.finish().await;
+}
+
 /// With the central hub down, a province goes on: it accepts every document, delivers inside
 /// the province, and keeps the rest in its queue of the central hub until the link is back.
 #[tokio::test]
