@@ -886,7 +886,7 @@ mod faults {
     }
 
     /// The hub's disk fills up mid-load. sled fails every write after its first failed one, so
-    /// the hub stops by itself (exit status 1, not a panic), answering UNAVAILABLE to what
+    /// the hub stops by itself (exit status 74, `EXIT_STORAGE`), answering UNAVAILABLE to what
     /// waited for the disk; started again once there is room, it carries on from what reached
     /// the disk: nothing accepted is lost, nothing acknowledged is shown again.
     #[tokio::test]
@@ -902,8 +902,8 @@ mod faults {
         let stopped_after = filled_at.elapsed();
         assert_eq!(
             exit.code(),
-            Some(1),
-            "the hub stops with a failure, not a panic"
+            Some(i32::from(lienthong::cli::EXIT_STORAGE)),
+            "the hub stops with the storage exit status (a panic is 101)"
         );
         let (accepted, sent) = {
             let tally = shared.tally();
@@ -922,7 +922,11 @@ mod faults {
             .expect("started on a full disk, the hub stops by itself")
             .expect("the hub's output");
         let printed = String::from_utf8_lossy(&again.stderr);
-        assert_eq!(again.status.code(), Some(1), "{printed}");
+        assert_eq!(
+            again.status.code(),
+            Some(i32::from(lienthong::cli::EXIT_STORAGE)),
+            "{printed}"
+        );
         assert!(printed.contains("its disk is full"), "{printed}");
         disk.free();
         scenario.hub = HubProcess::start(&scenario.files, &scenario.options).await;

@@ -5,6 +5,7 @@ pub mod audit;
 
 use crate::client::ExchangeClient;
 use crate::config::Config;
+use crate::store::StoreError;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use lienthong_proto::v1 as wire;
@@ -13,6 +14,9 @@ use std::process::ExitCode;
 
 /// Exit code for an unusable configuration (EX_USAGE-style, as sysexits' EX_USAGE is 64).
 pub const EXIT_CONFIG: u8 = 64;
+/// Exit code when the hub's disk is full or fails (sysexits' EX_IOERR): the hub stopped, or
+/// could not start, because its database cannot write; it can start again once there is room.
+pub const EXIT_STORAGE: u8 = 74;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -287,7 +291,12 @@ async fn serve(config_path: PathBuf) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("lienthong: {error:#}");
-            ExitCode::FAILURE
+            match error.downcast_ref::<StoreError>() {
+                Some(StoreError::Failed(_) | StoreError::DiskFull { .. }) => {
+                    ExitCode::from(EXIT_STORAGE)
+                }
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }
