@@ -735,12 +735,11 @@ mod faults {
             }
         }
 
-        /// Writes one file until `room` bytes are left free (as an unprivileged process sees
-        /// it, as the hub's floor does), give or take a MiB.
+        /// Writes one file until `room` bytes are left free, measured as the hub's floor
+        /// measures it, give or take a MiB.
         fn fill_leaving(&self, room: u64) {
             use std::io::Write;
-            let stats = rustix::fs::statvfs(&self.mount_point).expect("statvfs");
-            let free = stats.f_bavail * stats.f_frsize;
+            let free = lienthong::store::free_space_on(&self.mount_point).expect("the free space");
             let mut filler = std::fs::File::create(self.mount_point.join(Self::FILLER))
                 .expect("create the filler");
             let chunk = vec![0u8; 1 << 20];

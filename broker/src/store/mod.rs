@@ -321,16 +321,9 @@ impl Store {
         self.inner.group_commit.failure().await
     }
 
-    /// The free space on the database's file system, in bytes, as an unprivileged process sees
-    /// it (root's reserved blocks left out); `None` if it cannot be read.
+    /// The free space on the database's file system ([`free_space_on`] its directory).
     pub fn free_disk_bytes(&self) -> Option<u64> {
-        match rustix::fs::statvfs(&self.inner.data_dir) {
-            Ok(stats) => Some(stats.f_bavail.saturating_mul(stats.f_frsize)),
-            Err(error) => {
-                tracing::debug!(%error, "cannot read the free space of the database's disk");
-                None
-            }
-        }
+        free_space_on(&self.inner.data_dir)
     }
 
     /// The database's size on disk, in bytes (0 if it cannot be read).
@@ -1509,6 +1502,19 @@ impl Drop for ReservedSeqs {
         let mut state = self.registry.lock();
         for seq in &self.seqs {
             state.open.remove(seq);
+        }
+    }
+}
+
+/// The free space on the file system that holds `path`, in bytes, as an unprivileged process
+/// sees it (root's reserved blocks left out): what `[storage] min_free_mib` is compared with.
+/// `None` if it cannot be read.
+pub fn free_space_on(path: &Path) -> Option<u64> {
+    match rustix::fs::statvfs(path) {
+        Ok(stats) => Some(stats.f_bavail.saturating_mul(stats.f_frsize)),
+        Err(error) => {
+            tracing::debug!(%error, path = %path.display(), "cannot read the free space of a disk");
+            None
         }
     }
 }
