@@ -947,11 +947,12 @@ mod faults {
         drop(disk);
     }
 
-    /// Below `[storage] min_free_mib` on its disk, the hub refuses new documents with
-    /// UNAVAILABLE naming the floor, and delivers and records the acknowledgement of what it
-    /// accepted before, on the room left; with room again, it accepts again. It never stops.
+    /// Below `[storage] min_free_mib` on its disk, the hub refuses new documents and status
+    /// reports with UNAVAILABLE naming the floor, and delivers and records the acknowledgement
+    /// of what it accepted before, on the room left; with room again, it accepts both again.
+    /// It never stops.
     #[tokio::test]
-    async fn below_its_disk_floor_the_hub_refuses_new_documents_and_delivers_the_rest() {
+    async fn below_its_disk_floor_the_hub_refuses_new_messages_and_delivers_the_rest() {
         const FLOOR_MIB: u64 = 100;
         let options = HubOptions {
             min_free_mib: FLOOR_MIB,
@@ -983,6 +984,22 @@ mod faults {
             "{}",
             refused.message()
         );
+        let status_refused = district
+            .report_status(received_status(&before))
+            .await
+            .expect_err("a status report while the disk is below its floor");
+        assert_eq!(
+            status_refused.code(),
+            Code::Unavailable,
+            "{status_refused:?}"
+        );
+        assert!(
+            status_refused
+                .message()
+                .contains("([storage] min_free_mib)"),
+            "{}",
+            status_refused.message()
+        );
         let (_, metrics) = http_get(&options.http_listen, "/metrics").await;
         let free: u64 = metrics
             .lines()
@@ -1000,6 +1017,10 @@ mod faults {
         ack(&mut district, &delivery).await;
 
         disk.free();
+        district
+            .report_status(received_status(&before))
+            .await
+            .expect("a status report once the disk has room");
         let after = send(
             &mut commune,
             document(COMMUNE, &[DISTRICT], "after the disk has room"),
@@ -1017,6 +1038,16 @@ mod faults {
         files.delete_topology().await;
         // Unmounted before the hub's directory, which holds the mount point, is removed.
         drop(disk);
+    }
+
+    /// The recipient's "received" (01) on `document_id`.
+    fn received_status(document_id: &str) -> wire::StatusReport {
+        wire::StatusReport {
+            document_id: document_id.to_owned(),
+            status_code: "01".into(),
+            description: "đã nhận".into(),
+            ..Default::default()
+        }
     }
 
     /// An open `Receive` stream survives a RabbitMQ restart without the client reconnecting:

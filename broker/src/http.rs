@@ -5,7 +5,7 @@
 //! The status page shows agency codes, document ids and dead-letter reasons: bind
 //! `http_listen` to an address only operators reach.
 
-use crate::hub::Hub;
+use crate::hub::{DiskRoom, Hub};
 use crate::metrics::Snapshot;
 use crate::transport::Transport;
 use axum::Router;
@@ -118,15 +118,14 @@ async fn readyz<T: Transport>(State(hub): State<Hub<T>>) -> impl IntoResponse {
     );
     // Below the floor the hub refuses new documents but delivers the rest: reported, not a
     // reason to take the hub out of service.
-    let floor = hub.config().min_free_disk_bytes;
-    match hub.store().free_disk_bytes() {
-        Some(free) if free < floor => body.push_str(&format!(
-            "disk: {} MiB free, below the floor of {} MiB ([storage] min_free_mib): new documents are refused\n",
+    match hub.disk_room() {
+        DiskRoom::BelowFloor { free, floor } => body.push_str(&format!(
+            "disk: {} MiB free, below the floor of {} MiB ([storage] min_free_mib): new documents and status reports are refused\n",
             free >> 20,
             floor >> 20
         )),
-        Some(free) => body.push_str(&format!("disk: {} MiB free\n", free >> 20)),
-        None => body.push_str("disk: free space unknown\n"),
+        DiskRoom::Free(free) => body.push_str(&format!("disk: {} MiB free\n", free >> 20)),
+        DiskRoom::Unknown => body.push_str("disk: free space unknown\n"),
     }
     // A province goes on without its central hub, so the uplink is reported, not required.
     if let Some(uplink) = &hub.config().federation.uplink {

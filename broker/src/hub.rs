@@ -284,6 +284,17 @@ pub enum AckOutcome<'a> {
     Undeliverable { reason: &'a str },
 }
 
+/// The free space on the database's disk, as `/readyz` reports it and the floor judges it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskRoom {
+    /// `statvfs` of the data directory failed.
+    Unknown,
+    /// Bytes free, at or above `[storage] min_free_mib`.
+    Free(u64),
+    /// Below the floor: new messages are refused until room is made.
+    BelowFloor { free: u64, floor: u64 },
+}
+
 /// What `Send` answers.
 #[derive(Debug)]
 pub struct SendOutcome {
@@ -384,22 +395,31 @@ impl<T: Transport> Hub<T> {
         &self.inner.outbox_wakeup
     }
 
-    /// Refuses new documents while the database's disk has less free space than `[storage]
-    /// min_free_mib`: what room is left serves the documents already accepted (their
-    /// deliveries, acknowledgements and receipts), so that the disk does not fill up and stop
-    /// the hub.
-    pub(crate) fn check_disk_floor(&self) -> Result<(), HubError> {
+    /// The free space on the database's disk, against `[storage] min_free_mib`.
+    pub fn disk_room(&self) -> DiskRoom {
         let floor = self.inner.config.min_free_disk_bytes;
-        if floor == 0 {
+        match self.inner.store.free_disk_bytes() {
+            None => DiskRoom::Unknown,
+            Some(free) if free < floor => DiskRoom::BelowFloor { free, floor },
+            Some(free) => DiskRoom::Free(free),
+        }
+    }
+
+    /// Refuses new messages (documents, status reports, forwarded messages) while the
+    /// database's disk has less free space than `[storage] min_free_mib`: what room is left
+    /// serves what the hub already holds (deliveries, acknowledgements and their receipts), so
+    /// that the disk does not fill up and stop the hub.
+    pub(crate) fn check_disk_floor(&self) -> Result<(), HubError> {
+        if self.inner.config.min_free_disk_bytes == 0 {
             return Ok(());
         }
-        match self.inner.store.free_disk_bytes() {
-            Some(free) if free < floor => Err(HubError::Unavailable(format!(
+        match self.disk_room() {
+            DiskRoom::BelowFloor { free, floor } => Err(HubError::Unavailable(format!(
                 "the hub's disk has {} MiB free, below its floor of {} MiB ([storage] min_free_mib); retry later",
                 free >> 20,
                 floor >> 20
             ))),
-            _ => Ok(()),
+            DiskRoom::Free(_) | DiskRoom::Unknown => Ok(()),
         }
     }
 
@@ -1123,6 +1143,7 @@ impl<T: Transport> Hub<T> {
                 (recipients.clone(), recipients)
             }
         };
+        self.check_disk_floor()?;
         let now = now_unix_ms();
         report.from = caller.to_string();
         report.at_unix_ms = now;

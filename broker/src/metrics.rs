@@ -145,7 +145,7 @@ impl Metrics {
         let disk_free_bytes = Gauge::default();
         registry.register(
             "disk_free_bytes",
-            "Free space on the disk of the hub's database, as an unprivileged process sees it; below [storage] min_free_mib new documents are refused (-1: unreadable)",
+            "Free space on the disk of the hub's database, as an unprivileged process sees it; below [storage] min_free_mib new documents and status reports are refused (-1: unreadable)",
             disk_free_bytes.clone(),
         );
         let queue_messages = Family::<QueueLabels, Gauge>::default();
