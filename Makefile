@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: run run-central run-province run-amqp test chaos bench fuzz fmt lint rabbitmq browser clean-test-queues
+.PHONY: run run-central run-province run-amqp test chaos bench fuzz fmt lint rabbitmq browser systemd clean-test-queues
 
 ## Starts a hub on the embedded transport (no RabbitMQ needed), gRPC on 127.0.0.1:50051.
 run:
@@ -23,7 +23,7 @@ run-amqp: rabbitmq
 ## The whole suite against a real RabbitMQ (and headless Chromium for the status page): unit,
 ## conformance, end-to-end, operators', traces and process tests, then the chaos suite (short
 ## scale) alone, because some of its scenarios restart RabbitMQ.
-test: rabbitmq browser
+test: rabbitmq browser systemd
 	$(CARGO) test --workspace --all-targets -- --skip faults::
 	$(CARGO) test --workspace --test chaos -- --test-threads=1
 
@@ -71,7 +71,11 @@ rabbitmq:
 
 ## Makes sure headless Chromium is installed (the status page test loads the page in it).
 browser:
-	@.ci/ensure-chromium
+	@.ci/ensure-package chromium chromium chromium-driver
+
+## Makes sure systemd-analyze is installed (a test verifies config/lienthong.service with it).
+systemd:
+	@.ci/ensure-package systemd-analyze systemd
 
 ## Deletes queues left by interrupted test runs (names start with lt-test-).
 clean-test-queues:

@@ -1,5 +1,6 @@
 //! Tests of the real `lienthong` binary as a process: custody across SIGKILL, graceful SIGTERM,
-//! configuration errors, and the client subcommands a person uses.
+//! configuration errors, the systemd unit that supervises it, and the client subcommands a
+//! person uses.
 
 mod support;
 
@@ -106,6 +107,105 @@ async fn configuration_errors_exit_64_with_one_line_naming_the_key() {
     }
     let missing = lienthong(&["serve", "--config", "/nonexistent/lienthong.toml"]).await;
     assert_eq!(missing.status.code(), Some(64));
+}
+
+/// `config/lienthong.service` starts the hub again after it stopped for its disk (status 74)
+/// but not after a configuration error (64), with a pause that keeps it under systemd's start
+/// limit, runs `serve` with arguments the CLI takes, waits longer than the shutdown grace before
+/// SIGKILL, and `systemd-analyze verify` finds nothing to say about it.
+#[tokio::test]
+async fn the_systemd_unit_restarts_the_hub_after_a_disk_failure_not_after_a_configuration_error() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let unit_path = root.join("config/lienthong.service");
+    let unit = std::fs::read_to_string(&unit_path).expect("read config/lienthong.service");
+    let service = unit_section(&unit, "Service");
+    let setting = |key: &str| -> &str {
+        service
+            .iter()
+            .find_map(|(k, v)| (*k == key).then_some(*v))
+            .unwrap_or_else(|| panic!("[Service] {key} is set"))
+    };
+
+    assert_eq!(setting("Restart"), "on-failure");
+    let prevented: Vec<u8> = setting("RestartPreventExitStatus")
+        .split_whitespace()
+        .map(|status| status.parse().expect("an exit status"))
+        .collect();
+    assert!(
+        prevented.contains(&lienthong::cli::EXIT_CONFIG),
+        "{prevented:?}"
+    );
+    assert!(
+        !prevented.contains(&lienthong::cli::EXIT_STORAGE),
+        "{prevented:?}"
+    );
+    // systemd's defaults: at most 5 starts in 10 s, then it gives up on the unit.
+    let restart_sec: u64 = setting("RestartSec")
+        .parse()
+        .expect("RestartSec in seconds");
+    assert!(
+        4 * restart_sec >= 10,
+        "a hub that stops at once on a full disk must not reach the start limit: RestartSec={restart_sec}"
+    );
+
+    let exec_start: Vec<&str> = setting("ExecStart").split_whitespace().collect();
+    assert!(exec_start[0].ends_with("/lienthong"), "{exec_start:?}");
+    let cli = <lienthong::cli::Cli as clap::Parser>::try_parse_from(&exec_start)
+        .unwrap_or_else(|e| panic!("ExecStart's arguments: {e}"));
+    assert!(
+        matches!(cli.command, lienthong::cli::Command::Serve { .. }),
+        "{cli:?}"
+    );
+
+    let example = std::fs::read_to_string(root.join("config/lienthong-amqp.toml"))
+        .expect("read config/lienthong-amqp.toml");
+    let grace = lienthong::config::Config::parse_and_validate(&example)
+        .expect("the example configuration")
+        .delivery
+        .shutdown_grace;
+    let timeout_stop: u64 = setting("TimeoutStopSec")
+        .parse()
+        .expect("TimeoutStopSec in seconds");
+    assert!(
+        Duration::from_secs(timeout_stop) > grace,
+        "TimeoutStopSec={timeout_stop} against a grace of {grace:?}"
+    );
+
+    // systemd's own reading, with ExecStart pointing at the binary under test (it checks that
+    // the program exists). Unknown keys and bad values are reported on standard error.
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let checked = dir.path().join("lienthong.service");
+    std::fs::write(
+        &checked,
+        unit.replace(exec_start[0], env!("CARGO_BIN_EXE_lienthong")),
+    )
+    .expect("write the unit");
+    let verify = tokio::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&checked)
+        .output()
+        .await
+        .expect("systemd-analyze runs (`make systemd` installs it; make test does)");
+    let complaints = String::from_utf8_lossy(&verify.stderr);
+    assert!(
+        verify.status.success() && complaints.trim().is_empty(),
+        "systemd-analyze verify: {:?}\n{complaints}",
+        verify.status
+    );
+}
+
+/// The `key=value` lines of one `[section]` of a systemd unit, comments left out.
+fn unit_section<'a>(unit: &'a str, section: &str) -> Vec<(&'a str, &'a str)> {
+    let header = format!("[{section}]");
+    unit.lines()
+        .map(str::trim)
+        .skip_while(|line| *line != header)
+        .skip(1)
+        .take_while(|line| !line.starts_with('['))
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .filter_map(|line| line.split_once('='))
+        .map(|(key, value)| (key.trim(), value.trim()))
+        .collect()
 }
 
 /// The README's walk-through: send from a commune to its district, receive, report, track.

@@ -366,7 +366,7 @@ async fn json_logs_are_one_object_per_line() {
     );
 }
 
-/// Headless Chromium, as the machine's Debian package installs it (`.ci/ensure-chromium`).
+/// Headless Chromium, as the machine's Debian package installs it (`.ci/ensure-package chromium …`).
 /// Run with tokio's `Command`: the hub under test serves from this test's runtime.
 fn chromium() -> tokio::process::Command {
     let found = std::process::Command::new("chromium")
@@ -375,7 +375,7 @@ fn chromium() -> tokio::process::Command {
         .is_ok_and(|o| o.status.success());
     assert!(
         found,
-        "this test needs Chromium: run .ci/ensure-chromium (make test does)"
+        "this test needs Chromium: run `make browser` (make test does)"
     );
     let mut command = tokio::process::Command::new("chromium");
     command.args([
