@@ -102,42 +102,45 @@ mod tests {
         (0..len).all(|i| unsafe { ptr.add(i).read() } == (i % 251) as u8)
     }
 
+    /// Resizes a block whose first `layout.size()` bytes hold the pattern, and checks that the
+    /// moved or resized block is aligned and still holds it up to the smaller size.
+    unsafe fn resize_keeping_pattern(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller owns the block, allocated with `layout`.
+        unsafe {
+            let resized = SizeSplitAllocator.realloc(ptr, layout, new_size);
+            assert!(!resized.is_null(), "{} → {new_size} bytes", layout.size());
+            assert_eq!(
+                resized as usize % layout.align(),
+                0,
+                "{} → {new_size} bytes: aligned to {}",
+                layout.size(),
+                layout.align()
+            );
+            assert!(
+                holds_pattern(resized, layout.size().min(new_size)),
+                "{} → {new_size} bytes: contents kept",
+                layout.size()
+            );
+            resized
+        }
+    }
+
     #[test]
     fn a_block_keeps_its_contents_and_alignment_when_it_changes_sides() {
         let small = 1000;
         let large = LARGE_ALLOCATION_BYTES * 4;
         for align in [8, 64, 4096] {
-            let layout = Layout::from_size_align(small, align).expect("layout");
+            let small_layout = Layout::from_size_align(small, align).expect("layout");
+            let large_layout = Layout::from_size_align(large, align).expect("layout");
             // SAFETY: each block is used within its size, resized and freed with its layout.
             unsafe {
-                let block = SizeSplitAllocator.alloc(layout);
+                let block = SizeSplitAllocator.alloc(small_layout);
                 assert!(!block.is_null());
                 fill(block, small);
-                let grown = SizeSplitAllocator.realloc(block, layout, large);
-                assert!(!grown.is_null());
-                assert_eq!(
-                    grown as usize % align,
-                    0,
-                    "aligned to {align} after growing"
-                );
-                assert!(
-                    holds_pattern(grown, small),
-                    "contents kept growing to the system side"
-                );
+                let grown = resize_keeping_pattern(block, small_layout, large);
                 fill(grown, large);
-                let grown_layout = Layout::from_size_align(large, align).expect("layout");
-                let shrunk = SizeSplitAllocator.realloc(grown, grown_layout, small);
-                assert!(!shrunk.is_null());
-                assert_eq!(
-                    shrunk as usize % align,
-                    0,
-                    "aligned to {align} after shrinking"
-                );
-                assert!(
-                    holds_pattern(shrunk, small),
-                    "contents kept shrinking to jemalloc"
-                );
-                SizeSplitAllocator.dealloc(shrunk, layout);
+                let shrunk = resize_keeping_pattern(grown, large_layout, small);
+                SizeSplitAllocator.dealloc(shrunk, small_layout);
             }
         }
     }
@@ -151,6 +154,12 @@ mod tests {
             LARGE_ALLOCATION_BYTES * 8,
         ] {
             let layout = Layout::from_size_align(size, 16).expect("layout");
+            // Stays on its side: one byte less, or twice as large for the large ones.
+            let new_size = if is_small(size) {
+                size.max(2) - 1
+            } else {
+                size * 2
+            };
             // SAFETY: each block is used within its size, resized and freed with its layout.
             unsafe {
                 let block = SizeSplitAllocator.alloc_zeroed(layout);
@@ -160,18 +169,7 @@ mod tests {
                     "{size} bytes zeroed"
                 );
                 fill(block, size);
-                // Stays on its side: one byte less, or twice as large for the large ones.
-                let new_size = if is_small(size) {
-                    size.max(2) - 1
-                } else {
-                    size * 2
-                };
-                let resized = SizeSplitAllocator.realloc(block, layout, new_size);
-                assert!(!resized.is_null());
-                assert!(
-                    holds_pattern(resized, size.min(new_size)),
-                    "{size} → {new_size}"
-                );
+                let resized = resize_keeping_pattern(block, layout, new_size);
                 SizeSplitAllocator.dealloc(
                     resized,
                     Layout::from_size_align(new_size, 16).expect("layout"),
