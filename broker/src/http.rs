@@ -116,7 +116,7 @@ async fn readyz<T: Transport>(State(hub): State<Hub<T>>) -> impl IntoResponse {
             "warning: no authentication (identity from x-lienthong-agency metadata)"
         },
     );
-    // Below the floor the hub refuses new documents but delivers the rest: reported, not a
+    // Below the floor the hub refuses new messages but delivers the rest: reported, not a
     // reason to take the hub out of service.
     match hub.disk_room() {
         DiskRoom::BelowFloor { free, floor } => body.push_str(&format!(
