@@ -1,6 +1,6 @@
 //! Tests of the real `lienthong` binary as a process: custody across SIGKILL, graceful SIGTERM,
-//! configuration errors, the systemd unit that supervises it, and the client subcommands a
-//! person uses.
+//! configuration errors, the systemd unit that supervises it, its allocator, and the client
+//! subcommands a person uses.
 
 mod support;
 
@@ -191,6 +191,24 @@ async fn the_systemd_unit_restarts_the_hub_after_a_disk_failure_not_after_a_conf
         verify.status.success() && complaints.trim().is_empty(),
         "systemd-analyze verify: {:?}\n{complaints}",
         verify.status
+    );
+}
+
+/// The binary allocates its small blocks with jemalloc (change 14 of docs/performance.md):
+/// jemalloc reads its settings at its first allocation and names a bad one on standard error.
+#[tokio::test]
+async fn the_binary_allocates_small_blocks_with_jemalloc() {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_lienthong"))
+        .arg("--version")
+        .env("_RJEM_MALLOC_CONF", "no_such_setting:1")
+        .output()
+        .await
+        .expect("run the lienthong binary");
+    assert!(output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("<jemalloc>: Invalid conf pair: no_such_setting:1"),
+        "jemalloc did not start: {stderr}"
     );
 }
 
