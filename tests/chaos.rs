@@ -976,30 +976,12 @@ mod faults {
             })
             .await
             .expect_err("a new document while the disk is below its floor");
-        assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
-        assert!(
-            refused
-                .message()
-                .contains("below its floor of 100 MiB ([storage] min_free_mib)"),
-            "{}",
-            refused.message()
-        );
+        assert_refused_below_the_floor(&refused, FLOOR_MIB);
         let status_refused = district
             .report_status(received_status(&before))
             .await
             .expect_err("a status report while the disk is below its floor");
-        assert_eq!(
-            status_refused.code(),
-            Code::Unavailable,
-            "{status_refused:?}"
-        );
-        assert!(
-            status_refused
-                .message()
-                .contains("([storage] min_free_mib)"),
-            "{}",
-            status_refused.message()
-        );
+        assert_refused_below_the_floor(&status_refused, FLOOR_MIB);
         let (_, metrics) = http_get(&options.http_listen, "/metrics").await;
         let free: u64 = metrics
             .lines()

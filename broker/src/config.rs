@@ -20,7 +20,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// The database's page cache, in bytes (`[storage] cache_mib`).
     pub cache_bytes: u64,
-    /// Below this much free space on the database's disk, new documents are refused
+    /// Below this much free space on the database's disk, new messages are refused
     /// (`[storage] min_free_mib`, in bytes here); 0 turns the floor off.
     pub min_free_disk_bytes: u64,
     pub transport: TransportConfig,

@@ -651,6 +651,18 @@ pub async fn lienthong(args: &[&str]) -> std::process::Output {
         .expect("run the lienthong binary")
 }
 
+/// A request refused because the hub's disk is below its floor of `floor_mib`: UNAVAILABLE,
+/// naming the floor and the setting that sets it.
+pub fn assert_refused_below_the_floor(refused: &tonic::Status, floor_mib: u64) {
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    let named = format!("below its floor of {floor_mib} MiB ([storage] min_free_mib)");
+    assert!(
+        refused.message().contains(&named),
+        "`{}` names {named}",
+        refused.message()
+    );
+}
+
 /// The standard output of a run that must have succeeded.
 pub fn stdout_of(output: &std::process::Output) -> String {
     assert!(
