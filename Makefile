@@ -20,7 +20,8 @@ run-province:
 run-amqp: rabbitmq
 	$(CARGO) run --bin lienthong -- serve --config config/lienthong-amqp.toml
 
-## The whole suite against a real RabbitMQ (and headless Chromium for the status page): unit,
+## The whole suite against a real RabbitMQ (with headless Chromium for the status page and
+## systemd-analyze for the service unit): unit,
 ## conformance, end-to-end, operators', traces and process tests, then the chaos suite (short
 ## scale) alone, because some of its scenarios restart RabbitMQ.
 test: rabbitmq browser systemd
