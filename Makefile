@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: run run-central run-province run-amqp test chaos bench fuzz fmt lint rabbitmq browser systemd clean-test-queues
+.PHONY: run run-central run-province run-amqp test chaos bench bench-compare fuzz fmt lint rabbitmq browser systemd clean-test-queues
 
 ## Starts a hub on the embedded transport (no RabbitMQ needed), gRPC on 127.0.0.1:50051.
 run:
@@ -43,6 +43,15 @@ bench: rabbitmq browser
 		chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1000,820 \
 			--screenshot=docs/bench-chart.png "file://$(CURDIR)/target/bench/exchange.svg" 2>/dev/null \
 		&& echo "chart written to docs/bench-chart.png"; fi
+
+## A change against a base revision, in the same minutes: one benchmark case (CASE, as
+## LIENTHONG_BENCH_ONLY takes it) ROUNDS times with the hub of BASE and of the working tree,
+## alternating; medians of docs/s and of hub CPU per document. broker/benches/compare.
+BASE ?= HEAD
+CASE ?= 16:64
+ROUNDS ?= 4
+bench-compare: rabbitmq
+	broker/benches/compare $(BASE) $(CASE) $(ROUNDS)
 
 ## Fuzzes what the hub reads from outside (documents, configuration, directory, exported
 ## ledgers) for FUZZ_SECONDS each; prints libFuzzer's run count per target. Installs cargo-fuzz.

@@ -2,7 +2,8 @@
 //!
 //! For each document size and number of concurrent senders it runs:
 //! - **raw**: lapin publishing persistent messages with confirms to a quorum queue, and a
-//!   consumer acking them — the transport's own limit on this machine;
+//!   consumer acking them — the transport's own limit on this machine (three runs in a row,
+//!   the median printed);
 //! - **hub**: a release `lienthong` process on the same RabbitMQ, senders calling `Send` over
 //!   gRPC (durable custody before the answer), one recipient streaming and acknowledging.
 //!
@@ -16,9 +17,11 @@
 //! It prints one line per case, writes `target/bench/exchange.json` and the chart
 //! `target/bench/exchange.svg` (which `make bench` renders to `docs/bench-chart.png`).
 //! `LIENTHONG_BENCH_ONLY=16:64` runs one case (16 KiB, 64 senders); `=open-loop` and
-//! `=restart` run those; `LIENTHONG_BENCH_ACK_BATCH=N` has the recipient settle up to N
-//! deliveries in one `Ack` instead of one each. Run by `cargo test` (without `--bench`) it does
-//! small versions of each, so the suite keeps this code working.
+//! `=restart` run those, and write no files; `LIENTHONG_BENCH_ACK_BATCH=N` has the recipient
+//! settle up to N deliveries in one `Ack` instead of one each; `LIENTHONG_BENCH_HUB=<path>`
+//! starts that hub binary instead of this build's (`make bench-compare`, `benches/compare`).
+//! Run by `cargo test` (without `--bench`) it does small versions of each, so the suite keeps
+//! this code working.
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
@@ -47,6 +50,9 @@ const ACKS_IN_FLIGHT: usize = 128;
 /// files each document on its own does. `LIENTHONG_BENCH_ACK_BATCH=N` makes it settle up to N
 /// of those that have arrived in one `Ack` (`AckRequest.ack_tokens`).
 const ACK_BATCH: usize = 1;
+/// How many times each case runs on raw lapin; the line gives the median. One run of 4,000
+/// messages lasts about half a second, and single runs of the same case moved by up to ×2.
+const RAW_REPEATS: usize = 3;
 
 #[derive(Debug, Clone, Copy)]
 struct Case {
@@ -58,7 +64,10 @@ struct Case {
 #[derive(Debug, Default)]
 struct Outcome {
     hub_docs_per_s: f64,
+    /// The median of `raw_runs_msgs_per_s`.
     raw_msgs_per_s: f64,
+    /// Each repetition of the raw case, slowest first.
+    raw_runs_msgs_per_s: Vec<f64>,
     send_ms: Percentiles,
     e2e_ms: Percentiles,
     hub_cpu_cores: f64,
@@ -250,7 +259,7 @@ fn main() {
         println!("{line}");
         json.push(format!(
             concat!(
-                "{{\"size_bytes\":{},\"senders\":{},\"documents\":{},\"hub_docs_per_s\":{:.1},\"raw_msgs_per_s\":{:.1},",
+                "{{\"size_bytes\":{},\"senders\":{},\"documents\":{},\"hub_docs_per_s\":{:.1},\"raw_msgs_per_s\":{:.1},\"raw_runs_msgs_per_s\":[{}],",
                 "\"send_ms\":{{\"p50\":{:.3},\"p99\":{:.3},\"p999\":{:.3}}},\"e2e_ms\":{{\"p50\":{:.3},\"p99\":{:.3},\"p999\":{:.3}}},",
                 "\"hub_cpu_cores\":{:.3},\"hub_peak_rss_mib\":{}}}"
             ),
@@ -259,6 +268,12 @@ fn main() {
             case.documents,
             outcome.hub_docs_per_s,
             outcome.raw_msgs_per_s,
+            outcome
+                .raw_runs_msgs_per_s
+                .iter()
+                .map(|rate| format!("{rate:.1}"))
+                .collect::<Vec<_>>()
+                .join(","),
             outcome.send_ms.p50,
             outcome.send_ms.p99,
             outcome.send_ms.p999,
@@ -270,7 +285,8 @@ fn main() {
         ));
         assert!(outcome.hub_docs_per_s > 0.0 && outcome.raw_msgs_per_s > 0.0);
     }
-    if full {
+    // A partial run (`LIENTHONG_BENCH_ONLY`) leaves the last full run's results in place.
+    if full && only_name.is_none() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
         std::fs::create_dir_all(&dir).expect("create target/bench");
         if !points.is_empty() {
@@ -281,10 +297,6 @@ fn main() {
             std::fs::write(dir.join("exchange.svg"), chart::svg(&points, &title))
                 .expect("write the chart");
         }
-    }
-    if full {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-        std::fs::create_dir_all(&dir).expect("create target/bench");
         let path = dir.join("exchange.json");
         std::fs::write(&path, format!("[\n  {}\n]\n", json.join(",\n  "))).expect("write results");
         println!("results written to {}", path.display());
@@ -292,9 +304,11 @@ fn main() {
 }
 
 async fn run_case(case: Case) -> Outcome {
-    let raw_msgs_per_s = raw_transport(case).await;
+    let mut raw_runs = raw_transport(case).await;
     let mut outcome = hub(case).await;
-    outcome.raw_msgs_per_s = raw_msgs_per_s;
+    raw_runs.sort_by(f64::total_cmp);
+    outcome.raw_msgs_per_s = raw_runs[raw_runs.len() / 2];
+    outcome.raw_runs_msgs_per_s = raw_runs;
     outcome
 }
 
@@ -401,38 +415,53 @@ impl RawQueue {
 }
 
 /// lapin alone: `senders` tasks publish persistent messages with confirms to a quorum queue
-/// while one consumer acks them. Returns messages per second, first publish to last ack.
-async fn raw_transport(case: Case) -> f64 {
+/// while one consumer acks them, [`RAW_REPEATS`] times back to back on the same queue and
+/// channels. Returns each repetition's messages per second, its first publish to its last ack;
+/// the channels are opened before the first.
+async fn raw_transport(case: Case) -> Vec<f64> {
     let (queue, mut consumer) = RawQueue::declare().await;
     let total = case.documents;
+    let (consumed_tx, mut consumed) = tokio::sync::mpsc::unbounded_channel();
     let consuming = tokio::spawn(async move {
         use futures_util::StreamExt;
-        let mut received = 0;
-        while received < total {
-            let delivery = consumer.next().await.expect("open").expect("delivery");
-            delivery.ack(BasicAckOptions::default()).await.expect("ack");
-            received += 1;
+        for _ in 0..RAW_REPEATS {
+            for _ in 0..total {
+                let delivery = consumer.next().await.expect("open").expect("delivery");
+                delivery.ack(BasicAckOptions::default()).await.expect("ack");
+            }
+            let _ = consumed_tx.send(());
         }
     });
     let payload = Arc::new(vec![b'x'; case.size]);
-    let start = Instant::now();
-    let mut publishers = JoinSet::new();
-    for sender in 0..case.senders {
-        let channel = queue.publisher().await;
-        let name = queue.name.clone();
-        let payload = payload.clone();
-        let count = share(case.documents, case.senders, sender);
-        publishers.spawn(async move {
-            for _ in 0..count {
-                RawQueue::publish(&channel, &name, &payload).await;
-            }
-        });
+    let mut channels = Vec::with_capacity(case.senders);
+    for _ in 0..case.senders {
+        channels.push(queue.publisher().await);
     }
-    while publishers.join_next().await.is_some() {}
+    let mut rates = Vec::with_capacity(RAW_REPEATS);
+    for _ in 0..RAW_REPEATS {
+        let start = Instant::now();
+        let mut publishers = JoinSet::new();
+        for (sender, channel) in channels.iter().enumerate() {
+            let channel = channel.clone();
+            let name = queue.name.clone();
+            let payload = payload.clone();
+            let count = share(case.documents, case.senders, sender);
+            publishers.spawn(async move {
+                for _ in 0..count {
+                    RawQueue::publish(&channel, &name, &payload).await;
+                }
+            });
+        }
+        while publishers.join_next().await.is_some() {}
+        consumed
+            .recv()
+            .await
+            .expect("the consumer took every message");
+        rates.push(total as f64 / start.elapsed().as_secs_f64());
+    }
     consuming.await.expect("consumer");
-    let elapsed = start.elapsed();
     queue.delete().await;
-    case.documents as f64 / elapsed.as_secs_f64()
+    rates
 }
 
 /// What the raw open-loop case measured: publish-to-confirm and publish-to-consume latencies.
@@ -602,12 +631,25 @@ fn bench_options(size: usize) -> HubOptions {
         max_document_bytes: size + 64 * 1024,
         prefetch: PREFETCH,
         min_free_mib: lienthong::config::DEFAULT_MIN_FREE_MIB,
-        ..HubOptions::new(TransportKind::Amqp)
+        ..hub_on_rabbitmq()
+    }
+}
+
+/// A hub on RabbitMQ, started from this build's binary or from the one `LIENTHONG_BENCH_HUB`
+/// names (`make bench-compare` alternates two builds under one benchmark executable).
+fn hub_on_rabbitmq() -> HubOptions {
+    let options = HubOptions::new(TransportKind::Amqp);
+    match std::env::var_os("LIENTHONG_BENCH_HUB") {
+        Some(binary) => HubOptions {
+            binary: binary.into(),
+            ..options
+        },
+        None => options,
     }
 }
 
 /// The hub end to end: a release `lienthong` process, `senders` clients sending from one
-/// commune, one district receiving and acknowledging.
+/// commune (connected before the clock starts), one district receiving and acknowledging.
 async fn hub(case: Case) -> Outcome {
     let options = bench_options(case.size);
     let files = HubFiles::create("bench", &options);
@@ -616,12 +658,15 @@ async fn hub(case: Case) -> Outcome {
     let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
 
     let receiving = receive_and_ack(&hub, case.documents, sent_at.clone()).await;
+    let mut clients = Vec::with_capacity(case.senders);
+    for _ in 0..case.senders {
+        clients.push(hub.client(COMMUNE).await);
+    }
 
     let cpu_before = cpu_seconds(pid);
     let start = Instant::now();
     let mut senders = JoinSet::new();
-    for sender in 0..case.senders {
-        let mut client = hub.client(COMMUNE).await;
+    for (sender, mut client) in clients.into_iter().enumerate() {
         let sent_at = sent_at.clone();
         let count = share(case.documents, case.senders, sender);
         let size = case.size;
@@ -656,11 +701,11 @@ async fn hub(case: Case) -> Outcome {
     let cpu = cpu_seconds(pid) - cpu_before;
     let outcome = Outcome {
         hub_docs_per_s: case.documents as f64 / elapsed.as_secs_f64(),
-        raw_msgs_per_s: 0.0,
         send_ms: percentiles(send_latencies),
         e2e_ms: percentiles(e2e),
         hub_cpu_cores: cpu / elapsed.as_secs_f64(),
         hub_peak_rss_mib: hub.peak_rss_bytes() / (1024 * 1024),
+        ..Outcome::default()
     };
     hub.kill().await;
     files.delete_topology().await;
@@ -829,7 +874,7 @@ async fn restart_with_outbox(waiting: usize) -> Restart {
         max_outbox_messages: waiting as u64 + 10_000,
         grpc_listen: format!("127.0.0.1:{}", free_port()),
         min_free_mib: lienthong::config::DEFAULT_MIN_FREE_MIB,
-        ..HubOptions::new(TransportKind::Amqp)
+        ..hub_on_rabbitmq()
     };
     let files = HubFiles::create("bench-restart", &options);
     let mut hub = HubProcess::start(&files, &options).await;
@@ -859,7 +904,7 @@ async fn restart_with_outbox(waiting: usize) -> Restart {
     hub.child.kill().await.expect("SIGKILL");
     let endpoint = hub.endpoint.clone();
     let killed_at = Instant::now();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lienthong"))
+    let mut child = tokio::process::Command::new(&options.binary)
         .args(["serve", "--config"])
         .arg(&files.config_path)
         .env("RUST_LOG", "error")

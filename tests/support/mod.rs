@@ -126,6 +126,9 @@ pub struct HubOptions {
     /// `[storage] min_free_mib`: 0 (off) unless a test sets it, so that the suite does not
     /// depend on the free space of the machine it runs on.
     pub min_free_mib: u64,
+    /// The `lienthong` executable to start: this build's unless set (the benchmark runs another
+    /// build's to compare two, `LIENTHONG_BENCH_HUB`).
+    pub binary: PathBuf,
 }
 
 impl HubOptions {
@@ -154,6 +157,7 @@ impl HubOptions {
             extra_toml: String::new(),
             cache_mib: lienthong::store::DEFAULT_CACHE_BYTES / (1024 * 1024),
             min_free_mib: 0,
+            binary: env!("CARGO_BIN_EXE_lienthong").into(),
         }
     }
 }
@@ -398,7 +402,7 @@ impl HubProcess {
             ..options.clone()
         };
         files.write_config(&options);
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lienthong"))
+        let child = tokio::process::Command::new(&options.binary)
             .args(["serve", "--config"])
             .arg(&files.config_path)
             .env(
