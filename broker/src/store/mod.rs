@@ -48,6 +48,14 @@ use tokio::sync::{Notify, watch};
 /// The page cache of a store opened without a setting (`[storage] cache_mib`'s default).
 pub const DEFAULT_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
+/// The size of sled's log segments, and of its write buffers, for a new database. sled writes
+/// a log message larger than a quarter of a segment to a file of its own (a blob: a file
+/// created, written and later deleted, never synced), so this keeps messages up to 2 MiB in
+/// the log: document bodies and the leaves that hold several of them. sled's default, 512 KiB,
+/// sent every leaf of more than eight 16 KiB bodies to a blob. A database keeps the size it
+/// was created with ([`segment_bytes_for`]).
+pub const SEGMENT_BYTES: usize = 8 * 1024 * 1024;
+
 /// A storage failure. Never shown to callers in detail beyond its message.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -247,6 +255,7 @@ impl Store {
         let db = sled::Config::new()
             .path(data_dir)
             .cache_capacity(cache_bytes)
+            .segment_size(segment_bytes_for(data_dir))
             .open()
             .map_err(open_error)?;
         let tree = |name: &str| db.open_tree(name).map_err(open_error);
@@ -1506,6 +1515,20 @@ impl Drop for ReservedSeqs {
     }
 }
 
+/// The segment size to open the database in `data_dir` with: the one sled recorded in its
+/// `conf` file when the database exists (sled refuses to open a database with another), else
+/// [`SEGMENT_BYTES`]. A database created with sled's default keeps its 512 KiB segments.
+fn segment_bytes_for(data_dir: &Path) -> usize {
+    std::fs::read(data_dir.join("conf"))
+        .ok()
+        .and_then(|conf| {
+            String::from_utf8_lossy(&conf)
+                .lines()
+                .find_map(|line| line.strip_prefix("segment_size: ")?.trim().parse().ok())
+        })
+        .unwrap_or(SEGMENT_BYTES)
+}
+
 /// The free space on the file system that holds `path`, in bytes, as an unprivileged process
 /// sees it (root's reserved blocks left out): what `[storage] min_free_mib` is compared with.
 /// `None` if it cannot be read.
@@ -1735,6 +1758,47 @@ mod tests {
             .collect();
         assert_eq!(left, [second[0].message_id.clone()]);
         assert_eq!(store.outbox_len(), 1);
+    }
+
+    /// A new database keeps log messages up to 2 MiB in sled's log: a value of a megabyte
+    /// leaves no blob file (sled's default segments sent anything over 128 KiB to one).
+    #[tokio::test]
+    async fn a_value_of_a_megabyte_is_written_to_the_log_not_to_a_blob_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hub: AgencyCode = "000.00.00.H53".parse().expect("code");
+        let store = Store::open(dir.path(), &hub).expect("open");
+        store
+            .db()
+            .open_tree("document_bodies")
+            .expect("tree")
+            .insert("a document", vec![7; 1024 * 1024])
+            .expect("insert");
+        store.durable().await.expect("flushed");
+        let blobs = std::fs::read_dir(dir.path().join("blobs")).map_or(0, Iterator::count);
+        assert_eq!(blobs, 0, "blob files in {}", dir.path().display());
+    }
+
+    /// sled refuses to open a database with a segment size other than its own, so a database
+    /// created with sled's default keeps it; a new one gets [`SEGMENT_BYTES`].
+    #[tokio::test]
+    async fn a_database_opens_with_the_segment_size_it_was_created_with() {
+        let hub: AgencyCode = "000.00.00.H53".parse().expect("code");
+        let older = tempfile::tempdir().expect("tempdir");
+        {
+            let db = sled::open(older.path()).expect("a database with sled's defaults");
+            db.insert("key", "value").expect("insert");
+            db.flush().expect("flush");
+        }
+        let store = Store::open(older.path(), &hub).expect("the older database opens");
+        assert_eq!(segment_bytes_for(older.path()), 512 * 1024);
+        assert_eq!(
+            store.db().get("key").expect("read").as_deref(),
+            Some(&b"value"[..])
+        );
+
+        let new = tempfile::tempdir().expect("tempdir");
+        let _store = Store::open(new.path(), &hub).expect("a new database");
+        assert_eq!(segment_bytes_for(new.path()), SEGMENT_BYTES);
     }
 
     /// The patched sled's `set` and `unset` write without reading the tree first: a later read
