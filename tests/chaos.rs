@@ -13,6 +13,7 @@
 mod support;
 
 mod faults {
+    use super::support::power_cut::PowerCutDisk;
     use super::support::*;
     use lienthong::client::{ExchangeClient, connect};
     use lienthong_proto::v1 as wire;
@@ -1020,6 +1021,86 @@ mod faults {
         files.delete_topology().await;
         // Unmounted before the hub's directory, which holds the mount point, is removed.
         drop(disk);
+    }
+
+    /// The hub's machine loses its power mid-load: its data lives on a [`PowerCutDisk`], which
+    /// keeps only what was synced, and the power fails while documents are being sent,
+    /// delivered and acknowledged. Started again on what the disk kept, the hub has lost
+    /// nothing it accepted and shows nothing acknowledged again, and its ledger verifies.
+    /// RabbitMQ, on a disk of its own, keeps running, as on a machine of its own.
+    #[tokio::test]
+    async fn the_power_fails_mid_load() {
+        let options = chaos_options();
+        let files = HubFiles::create("chaos_power", &options);
+        let disk = PowerCutDisk::mount(&files.data_dir());
+        let endpoint = endpoint_of(&options);
+        let hub = HubProcess::start(&files, &options).await;
+        let mut scenario = Scenario {
+            files,
+            options,
+            endpoint,
+            hub,
+            shared: Shared::default(),
+        };
+        // Bound after the scenario, so that after a panic it unmounts before the scenario's
+        // directory, which holds the mount point, is removed.
+        let disk = disk;
+        let total = scale().documents * 4;
+        let load = scenario.load(documents(total, "power"), RecipientBehaviour::default());
+        let shared = scenario.shared.clone();
+        eventually(
+            "a tenth of the documents are acknowledged",
+            Duration::from_secs(60),
+            || async { shared.tally().acknowledged.len() >= total / 10 },
+        )
+        .await;
+        scenario.hub.child.kill().await.expect("kill the hub");
+        disk.cut_power();
+        let (accepted, acknowledged) = {
+            let tally = shared.tally();
+            (tally.accepted.len(), tally.acknowledged.len())
+        };
+        println!(
+            "scenario power-cut: the power failed with {accepted} of {total} documents accepted, {acknowledged} acknowledged"
+        );
+        assert!(accepted < total, "the power failed before the load ended");
+        scenario.hub = HubProcess::start(&scenario.files, &scenario.options).await;
+        wait_for(load).await;
+        let accepted = scenario.shared.tally().accepted.len() as u64;
+        assert_ledger_survived("power-cut", &scenario.endpoint, accepted).await;
+        scenario.finish("power-cut", 0).await;
+    }
+
+    /// A document too large for sled's log (over a quarter of a segment: 2 MiB) is written to
+    /// a file of its own. Accepted for a recipient that is offline, it survives a power cut like
+    /// any other. On the embedded transport, whose queues are in the hub's database, so that the
+    /// document is there and nowhere else until it is delivered.
+    #[tokio::test]
+    async fn a_large_document_survives_a_power_cut() {
+        let options = HubOptions {
+            max_document_bytes: 8 << 20,
+            ..HubOptions::new(TransportKind::Embedded)
+        };
+        let files = HubFiles::create("chaos_power_large", &options);
+        let disk = PowerCutDisk::mount(&files.data_dir());
+        let hub = HubProcess::start(&files, &options).await;
+        let mut commune = hub.client(COMMUNE).await;
+        let mut large = document(COMMUNE, &[DISTRICT], "a large document");
+        large.body = (0..3 << 20).map(|n| (n % 251) as u8).collect();
+        let id = send(&mut commune, large.clone()).await;
+        hub.kill().await;
+        disk.cut_power();
+
+        let hub = HubProcess::start(&files, &options).await;
+        let mut district = hub.client(DISTRICT).await;
+        let mut stream = open_stream(&mut district).await;
+        let delivery = next_delivery(&mut stream).await;
+        let delivered = delivered_document(&delivery);
+        assert_eq!(delivered.document_id, id);
+        assert!(delivered.body == large.body, "the body came back altered");
+        ack(&mut district, &delivery).await;
+        drop(stream);
+        hub.kill().await;
     }
 
     /// The recipient's "received" (01) on `document_id`.

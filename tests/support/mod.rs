@@ -38,6 +38,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub mod federation;
+pub mod power_cut;
 
 pub const PROVINCE: &str = "000.00.00.H53";
 pub const DISTRICT: &str = "000.00.31.H53";

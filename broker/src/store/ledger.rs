@@ -755,7 +755,7 @@ impl Store {
         let last_chain = self.chain_before(to)?;
         ledger.meta.insert(ARCHIVED_CHAIN, last_chain.to_vec())?;
         ledger.meta.insert(ARCHIVED_BEFORE, &to.to_be_bytes())?;
-        self.inner.db.flush()?;
+        self.inner.durable_flush.run()?;
         for index in from..to {
             let Some(record) = self.ledger_record(index)? else {
                 continue;
@@ -769,7 +769,7 @@ impl Store {
             }
             ledger.records.remove(index.to_be_bytes())?;
         }
-        self.inner.db.flush()?;
+        self.inner.durable_flush.run()?;
         Ok(Archive {
             path,
             from,

@@ -213,6 +213,7 @@ struct StoreInner {
     accept_queue: std::sync::Mutex<Vec<QueuedDocument>>,
     group_commit: Arc<GroupCommit>,
     flusher: tokio::task::AbortHandle,
+    durable_flush: DurableFlush,
 }
 
 impl Drop for StoreInner {
@@ -258,6 +259,19 @@ impl Store {
             .segment_size(segment_bytes_for(data_dir))
             .open()
             .map_err(open_error)?;
+        // sled writes `conf` (the segment size among other things) when it creates a database
+        // and never syncs it. A power cut soon after can leave it empty; sled then takes the
+        // segment size it is given, which is the database's only while [`SEGMENT_BYTES`] is the
+        // size it was created with. Synced at every open: two `fsync`s.
+        sync_file_and_directory(&data_dir.join("conf"))
+            .map_err(|error| open_error(sled::Error::Io(error)))?;
+        let durable_flush = DurableFlush {
+            db: db.clone(),
+            log: Arc::new(
+                std::fs::File::open(data_dir.join("db"))
+                    .map_err(|error| open_error(sled::Error::Io(error)))?,
+            ),
+        };
         let tree = |name: &str| db.open_tree(name).map_err(open_error);
         let outbox = tree("outbox")?;
         let receipts = tree("receipts")?;
@@ -277,7 +291,7 @@ impl Store {
         let group_commit = Arc::new(GroupCommit::new());
         let flusher = tokio::spawn(GroupCommit::run(
             group_commit.clone(),
-            db.clone(),
+            durable_flush.clone(),
             receipts.clone(),
             watermark,
         ))
@@ -306,6 +320,7 @@ impl Store {
                 accept_queue: std::sync::Mutex::new(Vec::new()),
                 group_commit,
                 flusher,
+                durable_flush,
                 db,
                 data_dir: data_dir.to_owned(),
             }),
@@ -1529,6 +1544,15 @@ fn segment_bytes_for(data_dir: &Path) -> usize {
         .unwrap_or(SEGMENT_BYTES)
 }
 
+/// Syncs the file at `path` and the directory that names it.
+pub(crate) fn sync_file_and_directory(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()?;
+    match path.parent() {
+        Some(directory) => std::fs::File::open(directory)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
 /// The free space on the file system that holds `path`, in bytes, as an unprivileged process
 /// sees it (root's reserved blocks left out): what `[storage] min_free_mib` is compared with.
 /// `None` if it cannot be read.
@@ -1609,6 +1633,26 @@ fn receipts_end(receipts: &sled::Tree) -> Result<u64, StoreError> {
 /// hub whose database can no longer write.
 const IDLE_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// What makes the database's writes durable: sled's flush, then an `fdatasync` of its log file.
+/// sled's flush writes its log buffers with `pwrite` and `sync_file_range`, which reaches the
+/// disk with data pages but neither the file's size nor the disk's write cache: enough for a
+/// killed process, not for a power cut. sled's own thread `fsync`s the log only every 500 ms.
+#[derive(Debug, Clone)]
+struct DurableFlush {
+    db: sled::Db,
+    /// sled's log, `data_dir/db`, opened for its syncs.
+    log: Arc<std::fs::File>,
+}
+
+impl DurableFlush {
+    /// Blocks until every write made before the call is on disk.
+    fn run(&self) -> Result<(), sled::Error> {
+        self.db.flush()?;
+        self.log.sync_data()?;
+        Ok(())
+    }
+}
+
 /// Groups the flushes of concurrent writers: each waiter takes a ticket after its write, and one
 /// flush that starts after a ticket was taken makes that ticket's write durable.
 #[derive(Debug)]
@@ -1664,7 +1708,13 @@ impl GroupCommit {
         }
     }
 
-    async fn run(this: Arc<GroupCommit>, db: sled::Db, receipts: sled::Tree, watermark: Watermark) {
+    /// Flushes ([`DurableFlush`]) for the writers that wait.
+    async fn run(
+        this: Arc<GroupCommit>,
+        durable_flush: DurableFlush,
+        receipts: sled::Tree,
+        watermark: Watermark,
+    ) {
         // The flush and the watermark's write wait for the disk, so both run on a blocking
         // thread: a disk that stalls then holds back the writers that wait for it, not the
         // async workers that serve everything else.
@@ -1680,10 +1730,10 @@ impl GroupCommit {
             }
             // Taken before the flush starts, so the flush covers the receipt it names.
             let high = receipts_end(&receipts).map_or(0, |end| end.saturating_sub(1));
-            let db = db.clone();
+            let durable_flush = durable_flush.clone();
             let watermark = watermark.clone();
             let flushed = tokio::task::spawn_blocking(move || {
-                db.flush()?;
+                durable_flush.run()?;
                 watermark
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)

@@ -90,12 +90,16 @@ pub(crate) fn write_blob<T: Serialize>(
     io_fail!(config, "write_blob write kind_byte");
     f.write_all(kind_buf)?;
     io_fail!(config, "write_blob write buf");
-    f.write_all(&data)
-        .map(|r| {
-            trace!("successfully wrote blob at {:?}", path);
-            r
-        })
-        .map_err(|e| e.into())
+    f.write_all(&data)?;
+    // The log entry that points at this blob is made durable by a later flush of the log;
+    // the blob must be durable by then, with its name in the directory, or a power cut
+    // leaves the log pointing at an empty file and recovery ends the log there.
+    f.sync_all()?;
+    if let Some(blob_dir) = path.parent() {
+        std::fs::File::open(blob_dir)?.sync_all()?;
+    }
+    trace!("successfully wrote blob at {:?}", path);
+    Ok(())
 }
 
 pub(crate) fn gc_blobs(config: &Config, stable_lsn: Lsn) -> Result<()> {

@@ -1,0 +1,632 @@
+//! A disk that can lose its power: a FUSE file system whose files keep, when the power is cut,
+//! only what `fsync` or `fdatasync` made durable, as a disk with a volatile write cache does.
+//!
+//! Every file lives twice under a work directory: `live/` holds what the processes using the
+//! mount see (every write lands there at once), `durable/` what a power cut leaves. `fsync` and
+//! `fdatasync` copy the ranges written since the last one from `live/` to `durable/` and give the
+//! durable copy the live length. Nothing else makes data durable: not `close`, not
+//! `sync_file_range` (which never reaches a FUSE file system; on a real disk it writes data
+//! pages but neither the file's size nor the disk's cache), not time. Directory entries
+//! (creating, renaming and removing files and directories) are applied to both sides at once:
+//! the model is strict about file contents and generous about names.
+//!
+//! [`PowerCutDisk::cut_power`] unmounts and leaves at the mount point a plain directory of the
+//! durable copies, on which a process can be started again. Mounting needs root (the `mount`
+//! system call) and `/dev/fuse`.
+
+use fuser::{
+    BackgroundSession, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// A mounted power-cut disk; dropped without [`PowerCutDisk::cut_power`], it unmounts.
+#[derive(Debug)]
+pub struct PowerCutDisk {
+    mount_point: PathBuf,
+    durable: PathBuf,
+    session: Option<BackgroundSession>,
+    /// Holds `live/` and `durable/`; removed after the unmount.
+    _work: tempfile::TempDir,
+}
+
+impl PowerCutDisk {
+    /// Mounts an empty disk at `mount_point` (created if missing; it must be empty).
+    pub fn mount(mount_point: &Path) -> PowerCutDisk {
+        std::fs::create_dir_all(mount_point).expect("the mount point");
+        // Beside the mount point, so that the durable files move into it by renaming.
+        let work = tempfile::tempdir_in(mount_point.parent().expect("a parent directory"))
+            .expect("the disk's work directory");
+        let live = work.path().join("live");
+        let durable = work.path().join("durable");
+        std::fs::create_dir(&live).expect("live/");
+        std::fs::create_dir(&durable).expect("durable/");
+        let file_system = SyncTrackingFs {
+            live,
+            durable: durable.clone(),
+            state: Mutex::new(State::new()),
+        };
+        let mut config = fuser::Config::default();
+        config
+            .mount_options
+            .push(fuser::MountOption::FSName("lienthong-power-cut".into()));
+        let session = fuser::spawn_mount(file_system, mount_point, &config).unwrap_or_else(|e| {
+            panic!("mounting the power-cut disk at {mount_point:?} (needs root and /dev/fuse): {e}")
+        });
+        PowerCutDisk {
+            mount_point: mount_point.to_owned(),
+            durable,
+            session: Some(session),
+            _work: work,
+        }
+    }
+
+    /// The power fails: whatever was written and not synced is gone. Unmounts (every process
+    /// using the disk must be dead: a power cut kills them too) and leaves at the mount point
+    /// the files as the disk kept them.
+    pub fn cut_power(mut self) {
+        if let Some(session) = self.session.take() {
+            session
+                .umount_and_join()
+                .expect("unmount the power-cut disk");
+        }
+        for entry in std::fs::read_dir(&self.durable).expect("read durable/") {
+            let entry = entry.expect("an entry of durable/");
+            std::fs::rename(entry.path(), self.mount_point.join(entry.file_name()))
+                .expect("move a durable file to the mount point");
+        }
+    }
+}
+
+impl Drop for PowerCutDisk {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take()
+            && session.umount_and_join().is_err()
+        {
+            // A process still holds files on it (after a panic): detached now, served until
+            // they are closed.
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.mount_point)
+                .status();
+        }
+    }
+}
+
+/// The FUSE side of [`PowerCutDisk`].
+#[derive(Debug)]
+struct SyncTrackingFs {
+    live: PathBuf,
+    durable: PathBuf,
+    state: Mutex<State>,
+}
+
+/// Inodes are numbered by the file system, paths relative to `live/` and `durable/`.
+#[derive(Debug)]
+struct State {
+    nodes: HashMap<u64, Node>,
+    by_path: HashMap<PathBuf, u64>,
+    next_inode: u64,
+    open_files: HashMap<u64, File>,
+    next_handle: u64,
+}
+
+#[derive(Debug)]
+struct Node {
+    path: PathBuf,
+    /// The byte range written (or cut off by a truncation) since the last sync; bytes inside it
+    /// that were not written are the same on both sides, so copying all of it is exact.
+    unsynced: Option<(u64, u64)>,
+    /// Removed (or replaced by a rename) while perhaps still open: its data has no durable home.
+    removed: bool,
+}
+
+const ROOT: u64 = 1;
+/// Attributes and names are never cached by the kernel: sizes change under it all the time.
+const NO_CACHE: Duration = Duration::ZERO;
+
+impl State {
+    fn new() -> State {
+        let root = Node {
+            path: PathBuf::new(),
+            unsynced: None,
+            removed: false,
+        };
+        State {
+            nodes: HashMap::from([(ROOT, root)]),
+            by_path: HashMap::from([(PathBuf::new(), ROOT)]),
+            next_inode: ROOT + 1,
+            open_files: HashMap::new(),
+            next_handle: 1,
+        }
+    }
+
+    fn path(&self, inode: INodeNo) -> Result<PathBuf, Errno> {
+        self.nodes
+            .get(&inode.0)
+            .filter(|node| !node.removed)
+            .map(|node| node.path.clone())
+            .ok_or(Errno::ENOENT)
+    }
+
+    fn inode_of(&mut self, path: &Path) -> u64 {
+        if let Some(inode) = self.by_path.get(path) {
+            return *inode;
+        }
+        let inode = self.next_inode;
+        self.next_inode += 1;
+        self.nodes.insert(
+            inode,
+            Node {
+                path: path.to_owned(),
+                unsynced: None,
+                removed: false,
+            },
+        );
+        self.by_path.insert(path.to_owned(), inode);
+        inode
+    }
+
+    fn forget_path(&mut self, path: &Path) {
+        if let Some(inode) = self.by_path.remove(path)
+            && let Some(node) = self.nodes.get_mut(&inode)
+        {
+            node.removed = true;
+        }
+    }
+
+    fn mark_unsynced(&mut self, inode: INodeNo, start: u64, end: u64) {
+        if let Some(node) = self.nodes.get_mut(&inode.0) {
+            node.unsynced = Some(match node.unsynced {
+                Some((low, high)) => (low.min(start), high.max(end)),
+                None => (start, end),
+            });
+        }
+    }
+
+    fn open_file(&mut self, file: File) -> FileHandle {
+        let handle = self.next_handle;
+        self.next_handle += 1;
+        self.open_files.insert(handle, file);
+        FileHandle(handle)
+    }
+}
+
+impl SyncTrackingFs {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// What an entry's name and attributes are replied with.
+    fn entry(&self, state: &mut State, path: &Path) -> Result<FileAttr, Errno> {
+        let metadata = std::fs::symlink_metadata(self.live.join(path))?;
+        Ok(attributes(state.inode_of(path), &metadata))
+    }
+
+    /// `fsync`: the range written since the last one, and the length, become durable.
+    fn sync(&self, state: &mut State, inode: INodeNo) -> Result<(), Errno> {
+        let Some(node) = state.nodes.get_mut(&inode.0) else {
+            return Err(Errno::ENOENT);
+        };
+        let Some((start, end)) = node.unsynced.take() else {
+            return Ok(());
+        };
+        if node.removed {
+            return Ok(());
+        }
+        let live = File::open(self.live.join(&node.path))?;
+        let durable = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(self.durable.join(&node.path))?;
+        let length = live.metadata()?.len();
+        let mut buffer = vec![0u8; 1 << 20];
+        let mut offset = start;
+        while offset < end.min(length) {
+            let chunk = (end.min(length) - offset).min(buffer.len() as u64) as usize;
+            live.read_exact_at(&mut buffer[..chunk], offset)?;
+            durable.write_all_at(&buffer[..chunk], offset)?;
+            offset += chunk as u64;
+        }
+        durable.set_len(length)?;
+        Ok(())
+    }
+}
+
+fn attributes(inode: u64, metadata: &std::fs::Metadata) -> FileAttr {
+    let time = |seconds: i64, nanos: i64| {
+        UNIX_EPOCH + Duration::new(seconds.max(0) as u64, nanos.clamp(0, 999_999_999) as u32)
+    };
+    FileAttr {
+        ino: INodeNo(inode),
+        size: metadata.size(),
+        blocks: metadata.blocks(),
+        atime: time(metadata.atime(), metadata.atime_nsec()),
+        mtime: time(metadata.mtime(), metadata.mtime_nsec()),
+        ctime: time(metadata.ctime(), metadata.ctime_nsec()),
+        crtime: UNIX_EPOCH,
+        kind: FileType::from_std(metadata.file_type()).unwrap_or(FileType::RegularFile),
+        perm: (metadata.mode() & 0o7777) as u16,
+        nlink: metadata.nlink() as u32,
+        uid: metadata.uid(),
+        gid: metadata.gid(),
+        rdev: metadata.rdev() as u32,
+        blksize: metadata.blksize() as u32,
+        flags: 0,
+    }
+}
+
+/// Removes `path` under `root` if it is there (a durable copy may never have been made).
+fn remove_if_present(root: &Path, path: &Path, directory: bool) -> std::io::Result<()> {
+    let full = root.join(path);
+    let removed = if directory {
+        std::fs::remove_dir(&full)
+    } else {
+        std::fs::remove_file(&full)
+    };
+    match removed {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+impl fuser::Filesystem for SyncTrackingFs {
+    fn lookup(&self, _: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let mut state = self.state();
+        match state
+            .path(parent)
+            .and_then(|parent| self.entry(&mut state, &parent.join(name)))
+        {
+            Ok(attr) => reply.entry(&NO_CACHE, &attr, Generation(0)),
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn getattr(&self, _: &Request, inode: INodeNo, _: Option<FileHandle>, reply: ReplyAttr) {
+        let mut state = self.state();
+        match state
+            .path(inode)
+            .and_then(|path| self.entry(&mut state, &path))
+        {
+            Ok(attr) => reply.attr(&NO_CACHE, &attr),
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _: &Request,
+        inode: INodeNo,
+        mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let mut state = self.state();
+        let changed = state.path(inode).and_then(|path| {
+            let live = self.live.join(&path);
+            if let Some(size) = size {
+                let old = std::fs::metadata(&live)?.len();
+                OpenOptions::new().write(true).open(&live)?.set_len(size)?;
+                state.mark_unsynced(inode, size.min(old), size.max(old));
+            }
+            if let Some(mode) = mode {
+                std::fs::set_permissions(&live, std::fs::Permissions::from_mode(mode))?;
+            }
+            self.entry(&mut state, &path)
+        });
+        match changed {
+            Ok(attr) => reply.attr(&NO_CACHE, &attr),
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        _: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let mut state = self.state();
+        let made = state.path(parent).and_then(|parent| {
+            let path = parent.join(name);
+            for root in [&self.live, &self.durable] {
+                std::fs::create_dir(root.join(&path))?;
+                std::fs::set_permissions(
+                    root.join(&path),
+                    std::fs::Permissions::from_mode(mode & !umask),
+                )?;
+            }
+            self.entry(&mut state, &path)
+        });
+        match made {
+            Ok(attr) => reply.entry(&NO_CACHE, &attr, Generation(0)),
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn unlink(&self, _: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(parent, name, false, reply);
+    }
+
+    fn rmdir(&self, _: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(parent, name, true, reply);
+    }
+
+    fn rename(
+        &self,
+        _: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        new_parent: INodeNo,
+        new_name: &OsStr,
+        _: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let mut state = self.state();
+        let renamed = (|| {
+            let from = state.path(parent)?.join(name);
+            let to = state.path(new_parent)?.join(new_name);
+            std::fs::rename(self.live.join(&from), self.live.join(&to))?;
+            if self.durable.join(&from).exists() {
+                std::fs::rename(self.durable.join(&from), self.durable.join(&to))?;
+            }
+            state.forget_path(&to);
+            // The renamed node and, for a directory, everything under it.
+            let moved: Vec<(PathBuf, u64)> = state
+                .by_path
+                .iter()
+                .filter(|(path, _)| path.starts_with(&from))
+                .map(|(path, inode)| (path.clone(), *inode))
+                .collect();
+            for (old_path, inode) in moved {
+                let new_path = to.join(old_path.strip_prefix(&from).expect("under `from`"));
+                state.by_path.remove(&old_path);
+                state.by_path.insert(new_path.clone(), inode);
+                if let Some(node) = state.nodes.get_mut(&inode) {
+                    node.path = new_path;
+                }
+            }
+            Ok::<(), Errno>(())
+        })();
+        match renamed {
+            Ok(()) => reply.ok(),
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn open(&self, _: &Request, inode: INodeNo, _: OpenFlags, reply: ReplyOpen) {
+        let mut state = self.state();
+        let opened = state.path(inode).and_then(|path| {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(self.live.join(path))?;
+            Ok(state.open_file(file))
+        });
+        match opened {
+            Ok(handle) => reply.opened(handle, FopenFlags::empty()),
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn create(
+        &self,
+        _: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let mut state = self.state();
+        let created = state.path(parent).and_then(|parent| {
+            let path = parent.join(name);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(mode & !umask)
+                .open(self.live.join(&path))?;
+            // The name is durable at once; the contents only once synced.
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(mode & !umask)
+                .open(self.durable.join(&path))?;
+            let attr = self.entry(&mut state, &path)?;
+            Ok((attr, state.open_file(file)))
+        });
+        match created {
+            Ok((attr, handle)) => {
+                reply.created(&NO_CACHE, &attr, Generation(0), handle, FopenFlags::empty())
+            }
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn read(
+        &self,
+        _: &Request,
+        _: INodeNo,
+        handle: FileHandle,
+        offset: u64,
+        size: u32,
+        _: OpenFlags,
+        _: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        let state = self.state();
+        let Some(file) = state.open_files.get(&handle.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        let mut buffer = vec![0u8; size as usize];
+        let mut filled = 0;
+        while filled < buffer.len() {
+            match file.read_at(&mut buffer[filled..], offset + filled as u64) {
+                Ok(0) => break,
+                Ok(read) => filled += read,
+                Err(error) => return reply.error(error.into()),
+            }
+        }
+        reply.data(&buffer[..filled]);
+    }
+
+    fn write(
+        &self,
+        _: &Request,
+        inode: INodeNo,
+        handle: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _: WriteFlags,
+        _: OpenFlags,
+        _: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let mut state = self.state();
+        let Some(file) = state.open_files.get(&handle.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        match file.write_all_at(data, offset) {
+            Ok(()) => {
+                state.mark_unsynced(inode, offset, offset + data.len() as u64);
+                reply.written(data.len() as u32);
+            }
+            Err(error) => reply.error(error.into()),
+        }
+    }
+
+    fn flush(&self, _: &Request, _: INodeNo, _: FileHandle, _: fuser::LockOwner, r: ReplyEmpty) {
+        // `close` makes nothing durable.
+        r.ok();
+    }
+
+    fn release(
+        &self,
+        _: &Request,
+        _: INodeNo,
+        handle: FileHandle,
+        _: OpenFlags,
+        _: Option<fuser::LockOwner>,
+        _: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.state().open_files.remove(&handle.0);
+        reply.ok();
+    }
+
+    fn fsync(&self, _: &Request, inode: INodeNo, _: FileHandle, _: bool, reply: ReplyEmpty) {
+        let mut state = self.state();
+        match self.sync(&mut state, inode) {
+            Ok(()) => reply.ok(),
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _: &Request,
+        inode: INodeNo,
+        _: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let mut state = self.state();
+        let listed = state.path(inode).and_then(|path| {
+            let mut entries = vec![
+                (inode.0, FileType::Directory, ".".into()),
+                (inode.0, FileType::Directory, "..".into()),
+            ];
+            for entry in std::fs::read_dir(self.live.join(&path))? {
+                let entry = entry?;
+                let kind = FileType::from_std(entry.file_type()?).unwrap_or(FileType::RegularFile);
+                let child = state.inode_of(&path.join(entry.file_name()));
+                entries.push((child, kind, entry.file_name()));
+            }
+            Ok(entries)
+        });
+        match listed {
+            Ok(entries) => {
+                for (index, (child, kind, name)) in entries.into_iter().enumerate() {
+                    if (index as u64) < offset {
+                        continue;
+                    }
+                    if reply.add(INodeNo(child), index as u64 + 1, kind, &name) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(errno) => reply.error(errno),
+        }
+    }
+
+    fn fsyncdir(&self, _: &Request, _: INodeNo, _: FileHandle, _: bool, reply: ReplyEmpty) {
+        // Names are durable at once.
+        reply.ok();
+    }
+
+    fn statfs(&self, _: &Request, _: INodeNo, reply: ReplyStatfs) {
+        match rustix::fs::statvfs(&self.live) {
+            Ok(fs) => reply.statfs(
+                fs.f_blocks,
+                fs.f_bfree,
+                fs.f_bavail,
+                fs.f_files,
+                fs.f_ffree,
+                fs.f_bsize as u32,
+                fs.f_namemax as u32,
+                fs.f_frsize as u32,
+            ),
+            Err(errno) => reply.error(Errno::from_i32(errno.raw_os_error())),
+        }
+    }
+
+    fn access(&self, _: &Request, _: INodeNo, _: fuser::AccessFlags, reply: ReplyEmpty) {
+        reply.ok();
+    }
+}
+
+impl SyncTrackingFs {
+    fn remove(&self, parent: INodeNo, name: &OsStr, directory: bool, reply: ReplyEmpty) {
+        let mut state = self.state();
+        let removed = state.path(parent).and_then(|parent| {
+            let path = parent.join(name);
+            if directory {
+                std::fs::remove_dir(self.live.join(&path))?;
+            } else {
+                std::fs::remove_file(self.live.join(&path))?;
+            }
+            remove_if_present(&self.durable, &path, directory)?;
+            state.forget_path(&path);
+            Ok(())
+        });
+        match removed {
+            Ok(()) => reply.ok(),
+            Err(errno) => reply.error(errno),
+        }
+    }
+}
