@@ -280,11 +280,7 @@ fn remove_if_present(root: &Path, path: &Path, directory: bool) -> std::io::Resu
 
 impl fuser::Filesystem for SyncTrackingFs {
     fn lookup(&self, _: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let mut state = self.state();
-        match state
-            .path(parent)
-            .and_then(|parent| self.entry(&mut state, &parent.join(name)))
-        {
+        match self.at_name(parent, name, |state, path| self.entry(state, &path)) {
             Ok(attr) => reply.entry(&NO_CACHE, &attr, Generation(0)),
             Err(errno) => reply.error(errno),
         }
@@ -347,9 +343,7 @@ impl fuser::Filesystem for SyncTrackingFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let mut state = self.state();
-        let made = state.path(parent).and_then(|parent| {
-            let path = parent.join(name);
+        let made = self.at_name(parent, name, |state, path| {
             for root in [&self.live, &self.durable] {
                 std::fs::create_dir(root.join(&path))?;
                 std::fs::set_permissions(
@@ -357,7 +351,7 @@ impl fuser::Filesystem for SyncTrackingFs {
                     std::fs::Permissions::from_mode(mode & !umask),
                 )?;
             }
-            self.entry(&mut state, &path)
+            self.entry(state, &path)
         });
         match made {
             Ok(attr) => reply.entry(&NO_CACHE, &attr, Generation(0)),
@@ -400,7 +394,11 @@ impl fuser::Filesystem for SyncTrackingFs {
                 .map(|(path, inode)| (path.clone(), *inode))
                 .collect();
             for (old_path, inode) in moved {
-                let new_path = to.join(old_path.strip_prefix(&from).expect("under `from`"));
+                // `join` of an empty path would add a trailing slash.
+                let new_path = match old_path.strip_prefix(&from).expect("under `from`") {
+                    below if below.as_os_str().is_empty() => to.clone(),
+                    below => to.join(below),
+                };
                 state.by_path.remove(&old_path);
                 state.by_path.insert(new_path.clone(), inode);
                 if let Some(node) = state.nodes.get_mut(&inode) {
@@ -440,9 +438,7 @@ impl fuser::Filesystem for SyncTrackingFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let mut state = self.state();
-        let created = state.path(parent).and_then(|parent| {
-            let path = parent.join(name);
+        let created = self.at_name(parent, name, |state, path| {
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -456,7 +452,7 @@ impl fuser::Filesystem for SyncTrackingFs {
                 .truncate(false)
                 .mode(mode & !umask)
                 .open(self.durable.join(&path))?;
-            let attr = self.entry(&mut state, &path)?;
+            let attr = self.entry(state, &path)?;
             Ok((attr, state.open_file(file)))
         });
         match created {
@@ -611,10 +607,20 @@ impl fuser::Filesystem for SyncTrackingFs {
 }
 
 impl SyncTrackingFs {
-    fn remove(&self, parent: INodeNo, name: &OsStr, directory: bool, reply: ReplyEmpty) {
+    /// Runs `operation` with the state locked, on the path of `name` in the directory `parent`.
+    fn at_name<T>(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        operation: impl FnOnce(&mut State, PathBuf) -> Result<T, Errno>,
+    ) -> Result<T, Errno> {
         let mut state = self.state();
-        let removed = state.path(parent).and_then(|parent| {
-            let path = parent.join(name);
+        let path = state.path(parent)?.join(name);
+        operation(&mut state, path)
+    }
+
+    fn remove(&self, parent: INodeNo, name: &OsStr, directory: bool, reply: ReplyEmpty) {
+        let removed = self.at_name(parent, name, |state, path| {
             if directory {
                 std::fs::remove_dir(self.live.join(&path))?;
             } else {
