@@ -486,7 +486,9 @@ mod faults {
         async fn finish(self, name: &str, expect_dead_lettered: usize) -> String {
             let line = report(name, &self.endpoint, &self.shared, expect_dead_lettered).await;
             self.hub.kill().await;
-            self.files.delete_topology().await;
+            if self.options.kind == TransportKind::Amqp {
+                self.files.delete_topology().await;
+            }
             line
         }
     }
@@ -1065,7 +1067,21 @@ mod faults {
     /// RabbitMQ, on a disk of its own, keeps running, as on a machine of its own.
     #[tokio::test]
     async fn the_power_fails_mid_load() {
-        let options = chaos_options();
+        power_fails_mid_load(TransportKind::Amqp, "power-cut").await;
+    }
+
+    /// The same on the embedded transport, whose queues are in the hub's database and lose
+    /// their power with it.
+    #[tokio::test]
+    async fn the_power_fails_mid_load_on_the_embedded_transport() {
+        power_fails_mid_load(TransportKind::Embedded, "power-cut-embedded").await;
+    }
+
+    async fn power_fails_mid_load(kind: TransportKind, name: &str) {
+        let options = HubOptions {
+            kind,
+            ..chaos_options()
+        };
         let files = HubFiles::create("chaos_power", &options);
         let disk = PowerCutDisk::mount(&files.data_dir());
         let endpoint = endpoint_of(&options);
@@ -1096,14 +1112,14 @@ mod faults {
             (tally.accepted.len(), tally.acknowledged.len())
         };
         println!(
-            "scenario power-cut: the power failed with {accepted} of {total} documents accepted, {acknowledged} acknowledged"
+            "scenario {name}: the power failed with {accepted} of {total} documents accepted, {acknowledged} acknowledged"
         );
         assert!(accepted < total, "the power failed before the load ended");
         scenario.hub = HubProcess::start(&scenario.files, &scenario.options).await;
         wait_for(load).await;
         let accepted = scenario.shared.tally().accepted.len() as u64;
-        assert_ledger_survived("power-cut", &scenario.endpoint, accepted).await;
-        scenario.finish("power-cut", 0).await;
+        assert_ledger_survived(name, &scenario.endpoint, accepted).await;
+        scenario.finish(name, 0).await;
     }
 
     /// A document too large for sled's log (over a quarter of a segment: 2 MiB) is written to
