@@ -1,30 +1,33 @@
 //! A disk that can lose its power: a FUSE file system whose files keep, when the power is cut,
-//! only what `fsync` or `fdatasync` made durable, as a disk with a volatile write cache does.
+//! what `fsync` or `fdatasync` made durable, and of the rest only what the cut leaves.
 //!
 //! Every file lives twice under a work directory: `live/` holds what the processes using the
-//! mount see (every write lands there at once), `durable/` what a power cut leaves. `fsync` and
-//! `fdatasync` copy the ranges written since the last one from `live/` to `durable/` and give the
-//! durable copy the live length. Nothing else makes data durable: not `close`, not
+//! mount see (every write lands there at once), `durable/` what a power cut leaves. Each write
+//! and truncation is also recorded; `fsync` and `fdatasync` apply those recorded since the last
+//! one to the durable copy, in order. Nothing else makes data durable: not `close`, not
 //! `sync_file_range` (which never reaches a FUSE file system; on a real disk it writes data
 //! pages but neither the file's size nor the disk's cache), not time. Directory entries
 //! (creating, renaming and removing files and directories) are applied to both sides at once:
 //! the model is strict about file contents and generous about names.
 //!
 //! [`PowerCutDisk::cut_power`] unmounts and leaves at the mount point a plain directory of the
-//! durable copies, on which a process can be started again. Mounting needs root (the `mount`
-//! system call) and `/dev/fuse`.
+//! durable copies, on which a process can be started again. What becomes of the writes not
+//! synced is the caller's choice ([`Unsynced`]): all lost, or some kept, some lost and some torn
+//! at a 4 KiB boundary, as a disk that wrote part of its cache back, in any order, before the
+//! power went. Mounting needs root (the `mount` system call) and `/dev/fuse`.
 
 use fuser::{
     BackgroundSession, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo,
     OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
+use rand::SeedableRng;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// A mounted power-cut disk; dropped without [`PowerCutDisk::cut_power`], it unmounts.
@@ -32,6 +35,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub struct PowerCutDisk {
     mount_point: PathBuf,
     durable: PathBuf,
+    /// Shared with the file system, for the writes not synced when the power fails.
+    state: Arc<Mutex<State>>,
     session: Option<BackgroundSession>,
     /// Holds `live/` and `durable/`; removed after the unmount.
     _work: tempfile::TempDir,
@@ -48,10 +53,11 @@ impl PowerCutDisk {
         let durable = work.path().join("durable");
         std::fs::create_dir(&live).expect("live/");
         std::fs::create_dir(&durable).expect("durable/");
+        let state = Arc::new(Mutex::new(State::new()));
         let file_system = SyncTrackingFs {
             live,
             durable: durable.clone(),
-            state: Mutex::new(State::new()),
+            state: state.clone(),
         };
         let mut config = fuser::Config::default();
         config
@@ -63,27 +69,103 @@ impl PowerCutDisk {
         PowerCutDisk {
             mount_point: mount_point.to_owned(),
             durable,
+            state,
             session: Some(session),
             _work: work,
         }
     }
 
-    /// The power fails: whatever was written and not synced is gone. Unmounts (every process
-    /// using the disk must be dead: a power cut kills them too) and leaves at the mount point
-    /// the files as the disk kept them.
-    pub fn cut_power(mut self) {
+    /// The power fails: what was synced stays, the rest goes as `unsynced` says. Unmounts
+    /// (every process using the disk must be dead: a power cut kills them too) and leaves at
+    /// the mount point the files as the disk kept them.
+    pub fn cut_power(mut self, unsynced: Unsynced) -> PowerCut {
         if let Some(session) = self.session.take() {
             session
                 .umount_and_join()
                 .expect("unmount the power-cut disk");
         }
+        let mut cut = PowerCut::default();
+        let mut rng = match unsynced {
+            Unsynced::Lost => None,
+            Unsynced::PartlyKept { seed } => Some(rand::rngs::StdRng::seed_from_u64(seed)),
+        };
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        for node in state.nodes.values() {
+            if node.removed || node.unsynced.is_empty() {
+                continue;
+            }
+            let Some(rng) = rng.as_mut() else {
+                cut.lost += node.unsynced.len();
+                continue;
+            };
+            let durable = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(self.durable.join(&node.path))
+                .expect("open a durable file");
+            for change in &node.unsynced {
+                cut.apply_some(&durable, change, rng);
+            }
+        }
+        drop(state);
         for entry in std::fs::read_dir(&self.durable).expect("read durable/") {
             let entry = entry.expect("an entry of durable/");
             std::fs::rename(entry.path(), self.mount_point.join(entry.file_name()))
                 .expect("move a durable file to the mount point");
         }
+        cut
     }
 }
+
+/// What a power cut does to the writes that were not synced.
+#[derive(Debug, Clone, Copy)]
+pub enum Unsynced {
+    /// All lost.
+    Lost,
+    /// Each kept or lost, a kept one torn at a 4 KiB boundary now and then, drawn from `seed`.
+    PartlyKept { seed: u64 },
+}
+
+/// The writes not synced when the power failed, by fate ([`Unsynced::PartlyKept`]).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PowerCut {
+    pub kept: usize,
+    pub torn: usize,
+    pub lost: usize,
+}
+
+impl PowerCut {
+    /// Half the changes are lost; a quarter of the writes kept are torn.
+    fn apply_some(&mut self, durable: &File, change: &Change, rng: &mut rand::rngs::StdRng) {
+        use rand::Rng;
+        if rng.random_bool(0.5) {
+            self.lost += 1;
+            return;
+        }
+        match change {
+            Change::Write { offset, data } => {
+                let kept = if data.len() > SECTOR && rng.random_bool(0.25) {
+                    self.torn += 1;
+                    rng.random_range(0..data.len() / SECTOR) * SECTOR
+                } else {
+                    self.kept += 1;
+                    data.len()
+                };
+                durable
+                    .write_all_at(&data[..kept], *offset)
+                    .expect("write to a durable file");
+            }
+            Change::SetLength(length) => {
+                self.kept += 1;
+                durable.set_len(*length).expect("size a durable file");
+            }
+        }
+    }
+}
+
+/// The unit a disk writes whole.
+const SECTOR: usize = 4096;
 
 impl Drop for PowerCutDisk {
     fn drop(&mut self) {
@@ -105,7 +187,7 @@ impl Drop for PowerCutDisk {
 struct SyncTrackingFs {
     live: PathBuf,
     durable: PathBuf,
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
 }
 
 /// Inodes are numbered by the file system, paths relative to `live/` and `durable/`.
@@ -121,11 +203,17 @@ struct State {
 #[derive(Debug)]
 struct Node {
     path: PathBuf,
-    /// The byte range written (or cut off by a truncation) since the last sync; bytes inside it
-    /// that were not written are the same on both sides, so copying all of it is exact.
-    unsynced: Option<(u64, u64)>,
+    /// The changes to the contents since the last sync, in the order made.
+    unsynced: Vec<Change>,
     /// Removed (or replaced by a rename) while perhaps still open: its data has no durable home.
     removed: bool,
+}
+
+/// A change to a file's contents.
+#[derive(Debug)]
+enum Change {
+    Write { offset: u64, data: Vec<u8> },
+    SetLength(u64),
 }
 
 const ROOT: u64 = 1;
@@ -136,7 +224,7 @@ impl State {
     fn new() -> State {
         let root = Node {
             path: PathBuf::new(),
-            unsynced: None,
+            unsynced: Vec::new(),
             removed: false,
         };
         State {
@@ -166,7 +254,7 @@ impl State {
             inode,
             Node {
                 path: path.to_owned(),
-                unsynced: None,
+                unsynced: Vec::new(),
                 removed: false,
             },
         );
@@ -182,12 +270,9 @@ impl State {
         }
     }
 
-    fn mark_unsynced(&mut self, inode: INodeNo, start: u64, end: u64) {
+    fn record(&mut self, inode: INodeNo, change: Change) {
         if let Some(node) = self.nodes.get_mut(&inode.0) {
-            node.unsynced = Some(match node.unsynced {
-                Some((low, high)) => (low.min(start), high.max(end)),
-                None => (start, end),
-            });
+            node.unsynced.push(change);
         }
     }
 
@@ -210,33 +295,26 @@ impl SyncTrackingFs {
         Ok(attributes(state.inode_of(path), &metadata))
     }
 
-    /// `fsync`: the range written since the last one, and the length, become durable.
+    /// `fsync`: the changes since the last one become durable, in order.
     fn sync(&self, state: &mut State, inode: INodeNo) -> Result<(), Errno> {
         let Some(node) = state.nodes.get_mut(&inode.0) else {
             return Err(Errno::ENOENT);
         };
-        let Some((start, end)) = node.unsynced.take() else {
-            return Ok(());
-        };
-        if node.removed {
+        let changes = std::mem::take(&mut node.unsynced);
+        if changes.is_empty() || node.removed {
             return Ok(());
         }
-        let live = File::open(self.live.join(&node.path))?;
         let durable = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
             .open(self.durable.join(&node.path))?;
-        let length = live.metadata()?.len();
-        let mut buffer = vec![0u8; 1 << 20];
-        let mut offset = start;
-        while offset < end.min(length) {
-            let chunk = (end.min(length) - offset).min(buffer.len() as u64) as usize;
-            live.read_exact_at(&mut buffer[..chunk], offset)?;
-            durable.write_all_at(&buffer[..chunk], offset)?;
-            offset += chunk as u64;
+        for change in changes {
+            match change {
+                Change::Write { offset, data } => durable.write_all_at(&data, offset)?,
+                Change::SetLength(length) => durable.set_len(length)?,
+            }
         }
-        durable.set_len(length)?;
         Ok(())
     }
 }
@@ -319,9 +397,8 @@ impl fuser::Filesystem for SyncTrackingFs {
         let changed = state.path(inode).and_then(|path| {
             let live = self.live.join(&path);
             if let Some(size) = size {
-                let old = std::fs::metadata(&live)?.len();
                 OpenOptions::new().write(true).open(&live)?.set_len(size)?;
-                state.mark_unsynced(inode, size.min(old), size.max(old));
+                state.record(inode, Change::SetLength(size));
             }
             if let Some(mode) = mode {
                 std::fs::set_permissions(&live, std::fs::Permissions::from_mode(mode))?;
@@ -508,7 +585,13 @@ impl fuser::Filesystem for SyncTrackingFs {
         };
         match file.write_all_at(data, offset) {
             Ok(()) => {
-                state.mark_unsynced(inode, offset, offset + data.len() as u64);
+                state.record(
+                    inode,
+                    Change::Write {
+                        offset,
+                        data: data.to_vec(),
+                    },
+                );
                 reply.written(data.len() as u32);
             }
             Err(error) => reply.error(error.into()),
