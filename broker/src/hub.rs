@@ -732,12 +732,18 @@ impl<T: Transport> Hub<T> {
             }
             Ok((message, _)) => {
                 tracing::error!(agency = %caller, recipient = %message.recipient, "misrouted message sent to the dead letters");
-                let _ = inbound.acker.dead_letter().await;
+                settle_in_background(
+                    inbound.acker.dead_letter(),
+                    "dead-lettering a misrouted message failed; the transport will redeliver",
+                );
                 return Ok(None);
             }
             Err(error) => {
                 tracing::error!(agency = %caller, %error, "unreadable message sent to the dead letters");
-                let _ = inbound.acker.dead_letter().await;
+                settle_in_background(
+                    inbound.acker.dead_letter(),
+                    "dead-lettering an unreadable message failed; the transport will redeliver",
+                );
                 return Ok(None);
             }
         };
@@ -753,7 +759,10 @@ impl<T: Transport> Hub<T> {
             CopyOf::New => {}
             CopyOf::Duplicate => {
                 tracing::debug!(message_id = %message.message_id, agency = %caller, "dropping a copy of a message shown or acknowledged before");
-                let _ = inbound.acker.ack().await;
+                settle_in_background(
+                    inbound.acker.ack(),
+                    "dropping a copy failed; the transport will redeliver it",
+                );
                 return Ok(None);
             }
             CopyOf::Returned => {
