@@ -2,6 +2,7 @@
 //! own queue prefix on the shared RabbitMQ (or its own embedded queues), linked by `[uplink]`
 //! and `[[peer]]`.
 
+use super::power_cut::PowerCutDisk;
 use super::*;
 
 /// The central hub's code (the national axis is run by the Government Office).
@@ -21,20 +22,24 @@ pub struct FederatedHub {
     pub process: HubProcess,
     pub files: HubFiles,
     pub options: HubOptions,
+    /// The disk of its data, when it was started on one that can lose its power.
+    pub disk: Option<PowerCutDisk>,
 }
 
 impl FederatedHub {
-    async fn start(name: &str, options: HubOptions) -> FederatedHub {
+    async fn start(name: &str, options: HubOptions, on_power_cut_disk: bool) -> FederatedHub {
         let options = HubOptions {
             http_listen: format!("127.0.0.1:{}", free_port()),
             ..options
         };
         let files = HubFiles::create(name, &options);
+        let disk = on_power_cut_disk.then(|| PowerCutDisk::mount(&files.data_dir()));
         let process = HubProcess::start(&files, &options).await;
         FederatedHub {
             process,
             files,
             options,
+            disk,
         }
     }
 
@@ -58,8 +63,11 @@ impl FederatedHub {
             process,
             files,
             options,
+            disk,
         } = self;
         process.kill().await;
+        // Unmounted before the hub's directory, which holds the mount point, is removed.
+        drop(disk);
         if options.kind != TransportKind::Amqp {
             return;
         }
@@ -93,6 +101,16 @@ impl Federation {
     /// Starts the three hubs on `kind` (each on RabbitMQ under its own prefix, or each with
     /// its own embedded queues).
     pub async fn start(name: &str, kind: TransportKind) -> Federation {
+        Federation::start_with(name, kind, false).await
+    }
+
+    /// As [`Federation::start`], the central hub's data on a [`PowerCutDisk`] when
+    /// `central_on_power_cut_disk`.
+    pub async fn start_with(
+        name: &str,
+        kind: TransportKind,
+        central_on_power_cut_disk: bool,
+    ) -> Federation {
         let central_port = free_port();
         let base = HubOptions {
             prefetch: 64,
@@ -110,6 +128,7 @@ impl Federation {
                 ),
                 ..base.clone()
             },
+            central_on_power_cut_disk,
         )
         .await;
         let uplink = format!(
@@ -123,6 +142,7 @@ impl Federation {
                 extra_toml: uplink.clone(),
                 ..base.clone()
             },
+            false,
         )
         .await;
         let province_b = FederatedHub::start(
@@ -133,6 +153,7 @@ impl Federation {
                 extra_toml: uplink,
                 ..base
             },
+            false,
         )
         .await;
         Federation {
