@@ -523,19 +523,8 @@ mod faults {
         let mut federation = Federation::start("chaos-central", TransportKind::Amqp).await;
         let shared = Shared::default();
         let origin = federation.province_a.endpoint().to_owned();
-        let sending = tokio::spawn(send_all(
-            origin.clone(),
-            documents_for(scale().documents, "central", COMMUNE_B),
-            scale().senders,
-            shared.clone(),
-        ));
-        let receiving = tokio::spawn(receive_all(
-            federation.province_b.endpoint().to_owned(),
-            COMMUNE_B,
-            RecipientBehaviour::default(),
-            shared.clone(),
-            Duration::from_secs(300),
-        ));
+        let docs = documents_for(scale().documents, "central", COMMUNE_B);
+        let load = load_across_provinces(&federation, docs, &shared);
         for _ in 0..scale().kills {
             tokio::time::sleep(Duration::from_millis(700)).await;
             federation
@@ -543,9 +532,32 @@ mod faults {
                 .restart_after(Duration::from_millis(1500))
                 .await;
         }
-        wait_for((sending, receiving)).await;
+        wait_for(load).await;
         report("central-sigkill", &origin, &shared, 0).await;
         federation.finish().await;
+    }
+
+    /// Starts sending `docs` from a commune of province A and receiving them as the commune of
+    /// province B, in the background.
+    fn load_across_provinces(
+        federation: &super::support::federation::Federation,
+        docs: Vec<wire::Document>,
+        shared: &Shared,
+    ) -> (tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>) {
+        let sending = tokio::spawn(send_all(
+            federation.province_a.endpoint().to_owned(),
+            docs,
+            scale().senders,
+            shared.clone(),
+        ));
+        let receiving = tokio::spawn(receive_all(
+            federation.province_b.endpoint().to_owned(),
+            super::support::federation::COMMUNE_B,
+            RecipientBehaviour::default(),
+            shared.clone(),
+            Duration::from_secs(300),
+        ));
+        (sending, receiving)
     }
 
     /// Documents cross from province A to province B through the central hub, whose machine
@@ -563,19 +575,8 @@ mod faults {
         let shared = Shared::default();
         let origin = federation.province_a.endpoint().to_owned();
         let total = scale().documents * 2;
-        let sending = tokio::spawn(send_all(
-            origin.clone(),
-            documents_for(total, "central-power", COMMUNE_B),
-            scale().senders,
-            shared.clone(),
-        ));
-        let receiving = tokio::spawn(receive_all(
-            federation.province_b.endpoint().to_owned(),
-            COMMUNE_B,
-            RecipientBehaviour::default(),
-            shared.clone(),
-            Duration::from_secs(300),
-        ));
+        let docs = documents_for(total, "central-power", COMMUNE_B);
+        let load = load_across_provinces(&federation, docs, &shared);
         eventually(
             "a tenth of the documents are acknowledged",
             Duration::from_secs(60),
@@ -603,7 +604,7 @@ mod faults {
             "the power failed before the load ended"
         );
         central.process = HubProcess::start(&central.files, &central.options).await;
-        wait_for((sending, receiving)).await;
+        wait_for(load).await;
         report("central-power-cut", &origin, &shared, 0).await;
         federation.finish().await;
     }
