@@ -13,7 +13,7 @@
 mod support;
 
 mod faults {
-    use super::support::power_cut::{PowerCutDisk, Unsynced};
+    use super::support::power_cut::{PowerCutDisk, SECTOR, Unsynced};
     use super::support::*;
     use lienthong::client::{ExchangeClient, connect};
     use lienthong_proto::v1 as wire;
@@ -1122,7 +1122,7 @@ mod faults {
     }
 
     /// The disk's other way to lose its power: of the writes not synced, some are kept whole,
-    /// some torn at a 4 KiB boundary, the rest lost, each on its own, what was synced kept.
+    /// some torn at a sector boundary, the rest lost, each on its own, what was synced kept.
     #[test]
     fn the_power_cut_disk_can_keep_part_of_what_was_not_synced() {
         const WRITES: usize = 64;
@@ -1158,7 +1158,7 @@ mod faults {
                 SIZE => kept += 1,
                 0 => lost += 1,
                 part => {
-                    assert_eq!(part % 4096, 0, "write {n} torn at {part}");
+                    assert_eq!(part % SECTOR, 0, "write {n} torn at {part}");
                     torn += 1;
                 }
             }

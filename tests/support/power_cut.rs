@@ -13,7 +13,7 @@
 //! [`PowerCutDisk::cut_power`] unmounts and leaves at the mount point a plain directory of the
 //! durable copies, on which a process can be started again. What becomes of the writes not
 //! synced is the caller's choice ([`Unsynced`]): all lost, or some kept, some lost and some torn
-//! at a 4 KiB boundary, as a disk that wrote part of its cache back, in any order, before the
+//! at a sector boundary, as a disk that wrote part of its cache back, in any order, before the
 //! power went. Mounting needs root (the `mount` system call) and `/dev/fuse`.
 
 use fuser::{
@@ -123,7 +123,7 @@ impl PowerCutDisk {
 pub enum Unsynced {
     /// All lost.
     Lost,
-    /// Each kept or lost, a kept one torn at a 4 KiB boundary now and then, drawn from `seed`.
+    /// Each kept or lost, a kept one torn at a sector boundary now and then, drawn from `seed`.
     PartlyKept { seed: u64 },
 }
 
@@ -164,8 +164,9 @@ impl PowerCut {
     }
 }
 
-/// The unit a disk writes whole.
-const SECTOR: usize = 4096;
+/// The unit a disk writes whole: 512 bytes, the smallest sector disks have, so that tears
+/// fall in as many places as they can.
+pub const SECTOR: usize = 512;
 
 impl Drop for PowerCutDisk {
     fn drop(&mut self) {
