@@ -239,7 +239,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     // The new name is durable once its directory is synced: a key lost to a power cut would be
     // replaced by another at the next start, and checkpoints signed before would no longer
     // verify against the hub's key.
-    crate::store::sync_file_and_directory(path)
+    path.parent().map_or(Ok(()), crate::store::sync_directory)
 }
 
 /// The right edge of a Merkle tree being built: the roots of its perfect subtrees, left to

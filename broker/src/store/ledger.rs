@@ -724,9 +724,7 @@ impl Store {
             file.sync_all().map_err(io)?;
         }
         std::fs::rename(&staged, &path).map_err(io)?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io)?;
+        super::sync_directory(dir).map_err(io)?;
         let written = std::fs::read_to_string(&path).map_err(io)?;
         match ledger::export::verify(&written, &public_key) {
             Ok(verified) if verified.records == to - from => {}

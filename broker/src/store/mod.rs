@@ -263,7 +263,9 @@ impl Store {
         // and never syncs it. A power cut soon after can leave it empty; sled then takes the
         // segment size it is given, which is the database's only while [`SEGMENT_BYTES`] is the
         // size it was created with. Synced at every open: two `fsync`s.
-        sync_file_and_directory(&data_dir.join("conf"))
+        std::fs::File::open(data_dir.join("conf"))
+            .and_then(|conf| conf.sync_all())
+            .and_then(|()| sync_directory(data_dir))
             .map_err(|error| open_error(sled::Error::Io(error)))?;
         let durable_flush = DurableFlush {
             db: db.clone(),
@@ -1544,13 +1546,10 @@ fn segment_bytes_for(data_dir: &Path) -> usize {
         .unwrap_or(SEGMENT_BYTES)
 }
 
-/// Syncs the file at `path` and the directory that names it.
-pub(crate) fn sync_file_and_directory(path: &Path) -> std::io::Result<()> {
-    std::fs::File::open(path)?.sync_all()?;
-    match path.parent() {
-        Some(directory) => std::fs::File::open(directory)?.sync_all(),
-        None => Ok(()),
-    }
+/// Syncs `directory`, so that the names in it (a file just created or renamed into it) survive
+/// a power cut.
+pub(crate) fn sync_directory(directory: &Path) -> std::io::Result<()> {
+    std::fs::File::open(directory)?.sync_all()
 }
 
 /// The free space on the file system that holds `path`, in bytes, as an unprivileged process
