@@ -460,6 +460,28 @@ mod faults {
             }
         }
 
+        /// Starts a scenario whose hub keeps its data on a disk of its own, which `mount`
+        /// mounts at the data directory before the hub starts. The disk comes back apart from
+        /// the scenario: bound after it, `let (scenario, disk) = …`, it is dropped first.
+        async fn start_on<D>(
+            name: &str,
+            options: HubOptions,
+            mount: impl FnOnce(&std::path::Path) -> D,
+        ) -> (Scenario, D) {
+            let files = HubFiles::create(name, &options);
+            let disk = mount(&files.data_dir());
+            let endpoint = endpoint_of(&options);
+            let hub = HubProcess::start(&files, &options).await;
+            let scenario = Scenario {
+                files,
+                options,
+                endpoint,
+                hub,
+                shared: Shared::default(),
+            };
+            (scenario, disk)
+        }
+
         /// Starts sending `docs` and receiving them with `behaviour`, in the background.
         fn load(
             &self,
@@ -862,19 +884,8 @@ mod faults {
         LoopDisk,
         (tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>),
     ) {
-        let options = chaos_options();
-        let files = HubFiles::create(name, &options);
-        let disk = LoopDisk::mount(&files.data_dir());
-        let endpoint = endpoint_of(&options);
-        let hub = HubProcess::start(&files, &options).await;
-        let scenario = Scenario {
-            files,
-            options,
-            endpoint,
-            hub,
-            shared: Shared::default(),
-        };
-        let disk = disk; // Bound after the scenario here too, for a panic below.
+        // Bound after the scenario here too, for a panic below.
+        let (scenario, disk) = Scenario::start_on(name, chaos_options(), LoopDisk::mount).await;
         let load = scenario.load(
             documents(scale().documents * 4, tag),
             RecipientBehaviour::default(),
@@ -1212,20 +1223,10 @@ mod faults {
             kind,
             ..chaos_options()
         };
-        let files = HubFiles::create("chaos_power", &options);
-        let disk = PowerCutDisk::mount(&files.data_dir());
-        let endpoint = endpoint_of(&options);
-        let hub = HubProcess::start(&files, &options).await;
-        let mut scenario = Scenario {
-            files,
-            options,
-            endpoint,
-            hub,
-            shared: Shared::default(),
-        };
         // Bound after the scenario, so that after a panic it unmounts before the scenario's
         // directory, which holds the mount point, is removed.
-        let disk = disk;
+        let (mut scenario, disk) =
+            Scenario::start_on("chaos_power", options, PowerCutDisk::mount).await;
         let total = scale().documents * 4;
         let load = scenario.load(documents(total, "power"), RecipientBehaviour::default());
         let shared = scenario.shared.clone();
