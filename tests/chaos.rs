@@ -1099,8 +1099,9 @@ mod faults {
 
     /// The disk the power-cut scenarios stand on. Before the cut, what the processes wrote is
     /// what they read; after it, a file holds what `fdatasync` or `fsync` made durable and
-    /// nothing written later, a file synced and then renamed keeps its contents under its new
-    /// name, and a file written and closed but never synced is empty.
+    /// nothing written later, under the names its directory had when last synced: a rename
+    /// followed by a sync of the directory is kept, one not followed by it is undone, and a
+    /// file whose directory was not synced after its creation is gone, synced or not.
     #[test]
     fn the_power_cut_disk_keeps_only_what_was_synced() {
         use std::io::Write;
@@ -1108,28 +1109,59 @@ mod faults {
         let mount_point = dir.path().join("disk");
         let disk = PowerCutDisk::mount(&mount_point);
         let at = |name: &str| mount_point.join(name);
+        let sync_directory = |path: &std::path::Path| {
+            std::fs::File::open(path)
+                .and_then(|directory| directory.sync_all())
+                .expect("sync a directory")
+        };
         let mut synced = std::fs::File::create(at("synced")).expect("create");
         synced.write_all(b"kept").expect("write");
         synced.sync_data().expect("fdatasync");
         synced.write_all(b", then lost").expect("write");
         drop(synced);
-        let mut staged = std::fs::File::create(at("staged")).expect("create");
-        staged.write_all(b"renamed").expect("write");
-        staged.sync_all().expect("fsync");
-        drop(staged);
+        for name in ["staged", "moved"] {
+            let mut file = std::fs::File::create(at(name)).expect("create");
+            file.write_all(name.as_bytes()).expect("write");
+            file.sync_all().expect("fsync");
+        }
+        std::fs::create_dir(at("inner")).expect("mkdir");
+        std::fs::write(at("inner/file"), b"inner").expect("write");
+        std::fs::File::open(at("inner/file"))
+            .and_then(|file| file.sync_all())
+            .expect("fsync");
+        sync_directory(&at("inner"));
+        sync_directory(&mount_point);
+        std::fs::rename(at("moved"), at("moved-and-synced")).expect("rename");
+        sync_directory(&mount_point);
         std::fs::rename(at("staged"), at("renamed")).expect("rename");
         std::fs::write(at("never-synced"), b"written and closed").expect("write");
+        let mut unnamed = std::fs::File::create(at("unnamed")).expect("create");
+        unnamed.write_all(b"synced, its name not").expect("write");
+        unnamed.sync_all().expect("fsync");
+        drop(unnamed);
         assert_eq!(
             std::fs::read(at("synced")).expect("read"),
             b"kept, then lost"
         );
-        assert_eq!(std::fs::read(at("renamed")).expect("read"), b"renamed");
+        assert_eq!(std::fs::read(at("renamed")).expect("read"), b"staged");
 
-        disk.cut_power(Unsynced::Lost);
+        let cut = disk.cut_power(Unsynced::Lost);
         assert_eq!(std::fs::read(at("synced")).expect("read"), b"kept");
-        assert_eq!(std::fs::read(at("renamed")).expect("read"), b"renamed");
-        assert!(!at("staged").exists());
-        assert_eq!(std::fs::read(at("never-synced")).expect("read"), b"");
+        assert_eq!(std::fs::read(at("staged")).expect("read"), b"staged");
+        assert!(
+            !at("renamed").exists(),
+            "a rename whose directory was not synced"
+        );
+        assert_eq!(
+            std::fs::read(at("moved-and-synced")).expect("read"),
+            b"moved"
+        );
+        assert!(!at("moved").exists());
+        assert_eq!(std::fs::read(at("inner/file")).expect("read"), b"inner");
+        assert!(!at("never-synced").exists());
+        assert!(!at("unnamed").exists());
+        // `renamed`, `never-synced` and `unnamed` appeared, `staged` went.
+        assert_eq!(cut.names_lost, 4, "{cut:?}");
     }
 
     /// The disk's other way to lose its power: of the writes not synced, some are kept whole,
@@ -1142,6 +1174,9 @@ mod faults {
         let mount_point = dir.path().join("disk");
         let disk = PowerCutDisk::mount(&mount_point);
         let file = std::fs::File::create(mount_point.join("log")).expect("create");
+        std::fs::File::open(&mount_point)
+            .and_then(|directory| directory.sync_all())
+            .expect("sync the directory");
         use std::os::unix::fs::FileExt;
         file.write_all_at(&[1u8; SIZE], 0).expect("write");
         file.sync_data().expect("fdatasync");
@@ -1282,6 +1317,83 @@ mod faults {
         assert!(delivered.body == large.body, "the body came back altered");
         ack(&mut district, &delivery).await;
         drop(stream);
+        hub.kill().await;
+    }
+
+    /// A hub's first start and a first archive of its ledger create directories: the data
+    /// directory (two levels here, `hub/data` on a disk mounted at `disk`) and the archive's.
+    /// Both survive a power cut that follows, with the archive file and the database without
+    /// the archived records; a directory whose name was lost would take them with it.
+    #[tokio::test]
+    async fn new_directories_survive_a_power_cut() {
+        let options = HubOptions {
+            checkpoint_every: 8,
+            data_dir: "disk/hub/data",
+            ..HubOptions::new(TransportKind::Embedded)
+        };
+        let files = HubFiles::create("chaos_power_directories", &options);
+        let disk = PowerCutDisk::mount(&files.dir.path().join("disk"));
+        let hub = HubProcess::start(&files, &options).await;
+        let mut commune = hub.client(COMMUNE).await;
+        let mut district = hub.client(DISTRICT).await;
+        for n in 0..3 {
+            let subject = format!("công văn {n}");
+            send(&mut commune, document(COMMUNE, &[DISTRICT], &subject)).await;
+        }
+        let mut stream = open_stream(&mut district).await;
+        for _ in 0..3 {
+            ack(&mut district, &next_delivery(&mut stream).await).await;
+        }
+        drop(stream);
+        let key = hex::encode(settled_ledger(&hub.endpoint).await.public_key);
+        let archive = files
+            .data_dir()
+            .join("ledger-archive/ledger-000000000000-000000000008.jsonl");
+        let said = stdout_of(
+            &lienthong(&[
+                "audit",
+                "archive",
+                "--endpoint",
+                &hub.endpoint,
+                "--as",
+                PROVINCE,
+                "--up-to",
+                "8",
+            ])
+            .await,
+        );
+        assert!(said.contains("archived records 0..8"), "{said}");
+        hub.kill().await;
+        let cut = disk.cut_power(Unsynced::Lost);
+        println!("scenario power-cut-directories: the power failed after an archive: {cut:?}");
+
+        assert!(
+            data_dir_exists(&files.data_dir()),
+            "the database is gone: {cut:?}"
+        );
+        assert!(archive.exists(), "the archive is gone: {cut:?}");
+        let said = stdout_of(
+            &lienthong(&[
+                "audit",
+                "verify",
+                archive.to_str().expect("path"),
+                "--public-key",
+                &key,
+            ])
+            .await,
+        );
+        assert!(said.contains("ok: 8 records"), "{said}");
+        let hub = HubProcess::start(&files, &options).await;
+        let ledger = settled_ledger(&hub.endpoint).await;
+        assert_eq!(ledger.archived_before, 8, "{ledger:?}");
+        let check = lienthong::client::connect_audit(&hub.endpoint, AUDITOR)
+            .await
+            .expect("connect to Audit")
+            .verify_ledger(wire::VerifyLedgerRequest::default())
+            .await
+            .expect("verify")
+            .into_inner();
+        assert!(check.ok, "{check:?}");
         hub.kill().await;
     }
 

@@ -122,6 +122,8 @@ pub struct HubOptions {
     pub agencies: Option<Vec<String>>,
     /// Sections appended to the file as they are (`[uplink]`, `[[peer]]`).
     pub extra_toml: String,
+    /// `[storage] data_dir`, relative to the hub's temporary directory: `data` unless set.
+    pub data_dir: &'static str,
     /// `[storage] cache_mib`.
     pub cache_mib: u64,
     /// `[storage] min_free_mib`: 0 (off) unless a test sets it, so that the suite does not
@@ -156,6 +158,7 @@ impl HubOptions {
             role: "province",
             agencies: None,
             extra_toml: String::new(),
+            data_dir: "data",
             cache_mib: lienthong::store::DEFAULT_CACHE_BYTES / (1024 * 1024),
             min_free_mib: 0,
             binary: env!("CARGO_BIN_EXE_lienthong").into(),
@@ -169,6 +172,7 @@ pub struct HubFiles {
     pub dir: TempDir,
     pub prefix: String,
     pub config_path: PathBuf,
+    data_dir: PathBuf,
 }
 
 impl HubFiles {
@@ -177,6 +181,7 @@ impl HubFiles {
         let prefix = unique_prefix(name);
         let files = HubFiles {
             config_path: dir.path().join("lienthong.toml"),
+            data_dir: dir.path().join(options.data_dir),
             dir,
             prefix,
         };
@@ -184,7 +189,8 @@ impl HubFiles {
         files
     }
 
-    /// Rewrites the configuration (same data, directory and prefix) with other options.
+    /// Rewrites the configuration (same data directory, agency directory and prefix) with other
+    /// options.
     pub fn write_config(&self, options: &HubOptions) {
         let directory_path = self.dir.path().join("agencies.toml");
         let directory = match &options.agencies {
@@ -250,7 +256,7 @@ sample_interval_ms = {sample_interval_ms}
             checkpoint_every = options.checkpoint_every,
             grpc_listen = options.grpc_listen,
             http_listen = options.http_listen,
-            data_dir = self.dir.path().join("data").display(),
+            data_dir = self.data_dir.display(),
             prefix = self.prefix,
             directory = directory_path.display(),
             max_document_bytes = options.max_document_bytes,
@@ -285,7 +291,7 @@ sample_interval_ms = {sample_interval_ms}
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data_dir.clone()
     }
 
     /// Deletes this hub's RabbitMQ exchanges and queues.

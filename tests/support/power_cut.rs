@@ -1,20 +1,23 @@
 //! A disk that can lose its power: a FUSE file system whose files keep, when the power is cut,
 //! what `fsync` or `fdatasync` made durable, and of the rest only what the cut leaves.
 //!
-//! Every file lives twice under a work directory: `live/` holds what the processes using the
-//! mount see (every write lands there at once), `durable/` what a power cut leaves. Each write
-//! and truncation is also recorded; `fsync` and `fdatasync` apply those recorded since the last
-//! one to the durable copy, in order. Nothing else makes data durable: not `close`, not
-//! `sync_file_range` (which never reaches a FUSE file system; on a real disk it writes data
-//! pages but neither the file's size nor the disk's cache), not time. Directory entries
-//! (creating, renaming and removing files and directories) are applied to both sides at once:
-//! the model is strict about file contents and generous about names.
+//! The tree the processes using the mount see lives under a work directory's `live/` (every
+//! write, creation, rename and removal lands there at once). What a power cut leaves is kept
+//! apart, by inode: a file's durable contents in `durable/<inode>`, a directory's durable
+//! entries (name, inode, kind) in memory. Each write and truncation is recorded; `fsync` and
+//! `fdatasync` of a file apply those recorded since the last one to its durable contents, in
+//! order, and `fsync` of a directory makes its present entries its durable ones. Nothing else
+//! makes anything durable: not `close`, not `sync_file_range` (which never reaches a FUSE file
+//! system; on a real disk it writes data pages but neither the file's size nor the disk's
+//! cache), not time. So a file created, written and synced, in a directory never synced after,
+//! is gone after the cut, and a rename not followed by a sync of its directories is undone.
 //!
-//! [`PowerCutDisk::cut_power`] unmounts and leaves at the mount point a plain directory of the
-//! durable copies, on which a process can be started again. What becomes of the writes not
-//! synced is the caller's choice ([`Unsynced`]): all lost, or some kept, some lost and some torn
-//! at a sector boundary, as a disk that wrote part of its cache back, in any order, before the
-//! power went. Mounting needs root (the `mount` system call) and `/dev/fuse`.
+//! [`PowerCutDisk::cut_power`] unmounts and leaves at the mount point a plain directory tree
+//! built from the durable entries and contents, on which a process can be started again. What
+//! becomes of the writes not synced is the caller's choice ([`Unsynced`]): all lost, or some
+//! kept, some lost and some torn at a sector boundary, as a disk that wrote part of its cache
+//! back, in any order, before the power went. Names not synced are lost either way. Mounting
+//! needs root (the `mount` system call) and `/dev/fuse`.
 
 use fuser::{
     BackgroundSession, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo,
@@ -22,8 +25,8 @@ use fuser::{
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 use rand::SeedableRng;
-use std::collections::HashMap;
-use std::ffi::OsStr;
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -34,6 +37,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 #[derive(Debug)]
 pub struct PowerCutDisk {
     mount_point: PathBuf,
+    live: PathBuf,
     durable: PathBuf,
     /// Shared with the file system, for the writes not synced when the power fails.
     state: Arc<Mutex<State>>,
@@ -46,7 +50,7 @@ impl PowerCutDisk {
     /// Mounts an empty disk at `mount_point` (created if missing; it must be empty).
     pub fn mount(mount_point: &Path) -> PowerCutDisk {
         std::fs::create_dir_all(mount_point).expect("the mount point");
-        // Beside the mount point, so that the durable files move into it by renaming.
+        // Beside the mount point, in the directory that holds it and is removed with it.
         let work = tempfile::tempdir_in(mount_point.parent().expect("a parent directory"))
             .expect("the disk's work directory");
         let live = work.path().join("live");
@@ -55,7 +59,7 @@ impl PowerCutDisk {
         std::fs::create_dir(&durable).expect("durable/");
         let state = Arc::new(Mutex::new(State::new()));
         let file_system = SyncTrackingFs {
-            live,
+            live: live.clone(),
             durable: durable.clone(),
             state: state.clone(),
         };
@@ -68,6 +72,7 @@ impl PowerCutDisk {
         });
         PowerCutDisk {
             mount_point: mount_point.to_owned(),
+            live,
             durable,
             state,
             session: Some(session),
@@ -90,8 +95,12 @@ impl PowerCutDisk {
             Unsynced::PartlyKept { seed } => Some(rand::rngs::StdRng::seed_from_u64(seed)),
         };
         let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        for node in state.nodes.values() {
-            if node.removed || node.unsynced.is_empty() {
+        // In inode order, so that a seed draws the same fates again.
+        let mut inodes: Vec<&u64> = state.nodes.keys().collect();
+        inodes.sort();
+        for inode in inodes {
+            let node = &state.nodes[inode];
+            if node.unsynced.is_empty() {
                 continue;
             }
             let Some(rng) = rng.as_mut() else {
@@ -102,18 +111,14 @@ impl PowerCutDisk {
                 .write(true)
                 .create(true)
                 .truncate(false)
-                .open(self.durable.join(&node.path))
+                .open(self.durable.join(inode.to_string()))
                 .expect("open a durable file");
             for change in &node.unsynced {
                 cut.apply_some(&durable, change, rng);
             }
         }
-        drop(state);
-        for entry in std::fs::read_dir(&self.durable).expect("read durable/") {
-            let entry = entry.expect("an entry of durable/");
-            std::fs::rename(entry.path(), self.mount_point.join(entry.file_name()))
-                .expect("move a durable file to the mount point");
-        }
+        cut.names_lost = state.names_not_durable(&self.live, Path::new(""));
+        state.build_durable_tree(ROOT, &self.mount_point, &self.durable);
         cut
     }
 }
@@ -133,6 +138,8 @@ pub struct PowerCut {
     pub kept: usize,
     pub torn: usize,
     pub lost: usize,
+    /// Creations, renames and removals made in a directory after its last sync: undone.
+    pub names_lost: usize,
 }
 
 impl PowerCut {
@@ -191,7 +198,7 @@ struct SyncTrackingFs {
     state: Arc<Mutex<State>>,
 }
 
-/// Inodes are numbered by the file system, paths relative to `live/` and `durable/`.
+/// Inodes are numbered by the file system, paths relative to `live/`.
 #[derive(Debug)]
 struct State {
     nodes: HashMap<u64, Node>,
@@ -199,6 +206,8 @@ struct State {
     next_inode: u64,
     open_files: HashMap<u64, File>,
     next_handle: u64,
+    /// Each directory's entries as of its last sync; one never synced has none.
+    durable_entries: HashMap<u64, BTreeMap<OsString, DurableEntry>>,
 }
 
 #[derive(Debug)]
@@ -206,8 +215,17 @@ struct Node {
     path: PathBuf,
     /// The changes to the contents since the last sync, in the order made.
     unsynced: Vec<Change>,
-    /// Removed (or replaced by a rename) while perhaps still open: its data has no durable home.
+    /// Removed (or replaced by a rename) while perhaps still open: it has no name any more.
     removed: bool,
+    /// The permission bits last set, given back to the durable copy.
+    mode: u32,
+}
+
+/// A name in a directory, as a sync of the directory made it durable.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct DurableEntry {
+    inode: u64,
+    directory: bool,
 }
 
 /// A change to a file's contents.
@@ -227,6 +245,7 @@ impl State {
             path: PathBuf::new(),
             unsynced: Vec::new(),
             removed: false,
+            mode: 0o755,
         };
         State {
             nodes: HashMap::from([(ROOT, root)]),
@@ -234,6 +253,7 @@ impl State {
             next_inode: ROOT + 1,
             open_files: HashMap::new(),
             next_handle: 1,
+            durable_entries: HashMap::new(),
         }
     }
 
@@ -257,6 +277,7 @@ impl State {
                 path: path.to_owned(),
                 unsynced: Vec::new(),
                 removed: false,
+                mode: 0o644,
             },
         );
         self.by_path.insert(path.to_owned(), inode);
@@ -274,6 +295,70 @@ impl State {
     fn record(&mut self, inode: INodeNo, change: Change) {
         if let Some(node) = self.nodes.get_mut(&inode.0) {
             node.unsynced.push(change);
+        }
+    }
+
+    /// Writes under `to` the tree whose durable entries start at the directory `inode`: its
+    /// subdirectories, and its files with their durable contents (empty if never synced).
+    fn build_durable_tree(&self, inode: u64, to: &Path, contents: &Path) {
+        let Some(entries) = self.durable_entries.get(&inode) else {
+            return;
+        };
+        for (name, entry) in entries {
+            let path = to.join(name);
+            let mode = self.nodes.get(&entry.inode).map_or(0o644, |node| node.mode);
+            if entry.directory {
+                std::fs::create_dir(&path).expect("a durable directory");
+                self.build_durable_tree(entry.inode, &path, contents);
+            } else {
+                // Copied, not moved: a file renamed from one synced directory to another can
+                // be durable under both names.
+                match std::fs::copy(contents.join(entry.inode.to_string()), &path) {
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                        File::create(&path)
+                            .map(drop)
+                            .expect("an empty durable file")
+                    }
+                    copied => drop(copied.expect("copy a durable file")),
+                }
+            }
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                .expect("the durable permissions");
+        }
+    }
+
+    /// How many names in the live tree under the directory `path` differ from the durable
+    /// entries of their directory: created, renamed or removed since its last sync.
+    fn names_not_durable(&self, live: &Path, path: &Path) -> usize {
+        let Some(inode) = self.by_path.get(path) else {
+            return 0;
+        };
+        let durable = self.durable_entries.get(inode);
+        let mut differing = 0;
+        let mut seen = 0;
+        for entry in std::fs::read_dir(live.join(path)).expect("a live directory") {
+            let entry = entry.expect("a live entry");
+            let child = path.join(entry.file_name());
+            let kept = durable.and_then(|entries| entries.get(&entry.file_name()));
+            match (kept, self.by_path.get(&child)) {
+                (Some(kept), Some(inode)) if kept.inode == *inode => seen += 1,
+                (Some(_), _) => {
+                    seen += 1;
+                    differing += 1
+                }
+                (None, _) => differing += 1,
+            }
+            if entry.file_type().expect("a live entry's kind").is_dir() {
+                differing += self.names_not_durable(live, &child);
+            }
+        }
+        // Durable names removed since.
+        differing + durable.map_or(0, |entries| entries.len()) - seen
+    }
+
+    fn set_mode(&mut self, inode: INodeNo, mode: u32) {
+        if let Some(node) = self.nodes.get_mut(&inode.0) {
+            node.mode = mode & 0o7777;
         }
     }
 
@@ -302,14 +387,14 @@ impl SyncTrackingFs {
             return Err(Errno::ENOENT);
         };
         let changes = std::mem::take(&mut node.unsynced);
-        if changes.is_empty() || node.removed {
+        if changes.is_empty() {
             return Ok(());
         }
         let durable = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
-            .open(self.durable.join(&node.path))?;
+            .open(self.durable.join(inode.0.to_string()))?;
         for change in changes {
             match change {
                 Change::Write { offset, data } => durable.write_all_at(&data, offset)?,
@@ -340,20 +425,6 @@ fn attributes(inode: u64, metadata: &std::fs::Metadata) -> FileAttr {
         rdev: metadata.rdev() as u32,
         blksize: metadata.blksize() as u32,
         flags: 0,
-    }
-}
-
-/// Removes `path` under `root` if it is there (a durable copy may never have been made).
-fn remove_if_present(root: &Path, path: &Path, directory: bool) -> std::io::Result<()> {
-    let full = root.join(path);
-    let removed = if directory {
-        std::fs::remove_dir(&full)
-    } else {
-        std::fs::remove_file(&full)
-    };
-    match removed {
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
     }
 }
 
@@ -403,6 +474,7 @@ impl fuser::Filesystem for SyncTrackingFs {
             }
             if let Some(mode) = mode {
                 std::fs::set_permissions(&live, std::fs::Permissions::from_mode(mode))?;
+                state.set_mode(inode, mode);
             }
             self.entry(&mut state, &path)
         });
@@ -422,14 +494,12 @@ impl fuser::Filesystem for SyncTrackingFs {
         reply: ReplyEntry,
     ) {
         let made = self.at_name(parent, name, |state, path| {
-            for root in [&self.live, &self.durable] {
-                std::fs::create_dir(root.join(&path))?;
-                std::fs::set_permissions(
-                    root.join(&path),
-                    std::fs::Permissions::from_mode(mode & !umask),
-                )?;
-            }
-            self.entry(state, &path)
+            let live = self.live.join(&path);
+            std::fs::create_dir(&live)?;
+            std::fs::set_permissions(&live, std::fs::Permissions::from_mode(mode & !umask))?;
+            let attr = self.entry(state, &path)?;
+            state.set_mode(attr.ino, mode & !umask);
+            Ok(attr)
         });
         match made {
             Ok(attr) => reply.entry(&NO_CACHE, &attr, Generation(0)),
@@ -460,9 +530,6 @@ impl fuser::Filesystem for SyncTrackingFs {
             let from = state.path(parent)?.join(name);
             let to = state.path(new_parent)?.join(new_name);
             std::fs::rename(self.live.join(&from), self.live.join(&to))?;
-            if self.durable.join(&from).exists() {
-                std::fs::rename(self.durable.join(&from), self.durable.join(&to))?;
-            }
             state.forget_path(&to);
             // The renamed node and, for a directory, everything under it.
             let moved: Vec<(PathBuf, u64)> = state
@@ -523,14 +590,9 @@ impl fuser::Filesystem for SyncTrackingFs {
                 .create_new(true)
                 .mode(mode & !umask)
                 .open(self.live.join(&path))?;
-            // The name is durable at once; the contents only once synced.
-            OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(mode & !umask)
-                .open(self.durable.join(&path))?;
+            // Neither the name nor the contents are durable yet.
             let attr = self.entry(state, &path)?;
+            state.set_mode(attr.ino, mode & !umask);
             Ok((attr, state.open_file(file)))
         });
         match created {
@@ -664,9 +726,25 @@ impl fuser::Filesystem for SyncTrackingFs {
         }
     }
 
-    fn fsyncdir(&self, _: &Request, _: INodeNo, _: FileHandle, _: bool, reply: ReplyEmpty) {
-        // Names are durable at once.
-        reply.ok();
+    fn fsyncdir(&self, _: &Request, inode: INodeNo, _: FileHandle, _: bool, reply: ReplyEmpty) {
+        let mut state = self.state();
+        let synced = state.path(inode).and_then(|path| {
+            let mut entries = BTreeMap::new();
+            for entry in std::fs::read_dir(self.live.join(&path))? {
+                let entry = entry?;
+                let durable = DurableEntry {
+                    inode: state.inode_of(&path.join(entry.file_name())),
+                    directory: entry.file_type()?.is_dir(),
+                };
+                entries.insert(entry.file_name(), durable);
+            }
+            state.durable_entries.insert(inode.0, entries);
+            Ok(())
+        });
+        match synced {
+            Ok(()) => reply.ok(),
+            Err(errno) => reply.error(errno),
+        }
     }
 
     fn statfs(&self, _: &Request, _: INodeNo, reply: ReplyStatfs) {
@@ -710,7 +788,6 @@ impl SyncTrackingFs {
             } else {
                 std::fs::remove_file(self.live.join(&path))?;
             }
-            remove_if_present(&self.durable, &path, directory)?;
             state.forget_path(&path);
             Ok(())
         });

@@ -691,7 +691,7 @@ impl Store {
         }
         let io =
             |e: std::io::Error| StoreError::Corrupt(format!("archive in {}: {e}", dir.display()));
-        std::fs::create_dir_all(dir).map_err(io)?;
+        super::create_directory_durably(dir).map_err(io)?;
         let path = dir.join(format!("ledger-{from:012}-{to:012}.jsonl"));
         let staged = path.with_extension("partial");
         let previous = self.chain_before(from)?;

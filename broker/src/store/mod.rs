@@ -253,6 +253,8 @@ impl Store {
                 source,
             },
         };
+        // sled creates a missing data directory, without syncing the directory that holds it.
+        create_directory_durably(data_dir).map_err(|error| open_error(sled::Error::Io(error)))?;
         let db = sled::Config::new()
             .path(data_dir)
             .cache_capacity(cache_bytes)
@@ -1550,6 +1552,28 @@ fn segment_bytes_for(data_dir: &Path) -> usize {
 /// a power cut.
 pub(crate) fn sync_directory(directory: &Path) -> std::io::Result<()> {
     std::fs::File::open(directory)?.sync_all()
+}
+
+/// Creates `directory` and its missing parents so that they survive a power cut: the directory
+/// holding each new name is synced, and `directory`'s own parent always (a name created by an
+/// earlier attempt that stopped before its sync is made durable now).
+pub(crate) fn create_directory_durably(directory: &Path) -> std::io::Result<()> {
+    let parent_of = |path: &Path| match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let mut created: Vec<PathBuf> = directory
+        .ancestors()
+        .skip(1)
+        .take_while(|ancestor| !ancestor.as_os_str().is_empty() && !ancestor.exists())
+        .map(Path::to_owned)
+        .collect();
+    std::fs::create_dir_all(directory)?;
+    created.insert(0, directory.to_owned());
+    for name in created {
+        sync_directory(&parent_of(&name))?;
+    }
+    Ok(())
 }
 
 /// The free space on the file system that holds `path`, in bytes, as an unprivileged process
