@@ -660,13 +660,7 @@ mod faults {
     /// rebuilt partly from records, matches its root and signature.
     async fn assert_ledger_survived(name: &str, endpoint: &str, accepted: u64) {
         let info = settled_ledger(endpoint).await;
-        let verified = lienthong::client::connect_audit(endpoint, AUDITOR)
-            .await
-            .expect("connect to Audit")
-            .verify_ledger(wire::VerifyLedgerRequest::default())
-            .await
-            .expect("verify the ledger")
-            .into_inner();
+        let verified = verify_ledger(endpoint).await;
         println!(
             "scenario {name}: ledger of {} records verified, {} checkpoints, {}",
             verified.records_checked,
@@ -1372,27 +1366,12 @@ mod faults {
             "the database is gone: {cut:?}"
         );
         assert!(archive.exists(), "the archive is gone: {cut:?}");
-        let said = stdout_of(
-            &lienthong(&[
-                "audit",
-                "verify",
-                archive.to_str().expect("path"),
-                "--public-key",
-                &key,
-            ])
-            .await,
-        );
+        let said = verify_exported_ledger(&archive, &key).await;
         assert!(said.contains("ok: 8 records"), "{said}");
         let hub = HubProcess::start(&files, &options).await;
         let ledger = settled_ledger(&hub.endpoint).await;
         assert_eq!(ledger.archived_before, 8, "{ledger:?}");
-        let check = lienthong::client::connect_audit(&hub.endpoint, AUDITOR)
-            .await
-            .expect("connect to Audit")
-            .verify_ledger(wire::VerifyLedgerRequest::default())
-            .await
-            .expect("verify")
-            .into_inner();
+        let check = verify_ledger(&hub.endpoint).await;
         assert!(check.ok, "{check:?}");
         hub.kill().await;
     }

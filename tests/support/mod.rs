@@ -662,6 +662,24 @@ pub async fn lienthong(args: &[&str]) -> std::process::Output {
         .expect("run the lienthong binary")
 }
 
+/// What `lienthong audit verify` says of the exported ledger `file` (it must verify) against
+/// the hub's public key in hex.
+pub async fn verify_exported_ledger(file: &Path, public_key_hex: &str) -> String {
+    let path = file.to_str().expect("a UTF-8 path");
+    stdout_of(&lienthong(&["audit", "verify", path, "--public-key", public_key_hex]).await)
+}
+
+/// The hub's own check of its ledger (`Audit.VerifyLedger`), asked as the auditor.
+pub async fn verify_ledger(endpoint: &str) -> wire::VerifyLedgerResponse {
+    lienthong::client::connect_audit(endpoint, AUDITOR)
+        .await
+        .expect("connect to Audit")
+        .verify_ledger(wire::VerifyLedgerRequest::default())
+        .await
+        .expect("verify the ledger")
+        .into_inner()
+}
+
 /// A request refused because the hub's disk is below its floor of `floor_mib`: UNAVAILABLE,
 /// naming the floor and the setting that sets it.
 pub fn assert_refused_below_the_floor(refused: &tonic::Status, floor_mib: u64) {
