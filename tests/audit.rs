@@ -491,31 +491,9 @@ async fn an_archived_range_verifies_from_its_file_and_the_rest_from_the_hub() {
     assert!(info.size >= 20, "{}", info.size);
     let key = hex::encode(&info.public_key);
 
-    let denied = lienthong(&[
-        "audit",
-        "archive",
-        "--endpoint",
-        &hub.endpoint,
-        "--as",
-        COMMUNE,
-        "--up-to",
-        "12",
-    ])
-    .await;
+    let denied = archive_ledger(&hub.endpoint, COMMUNE, 12).await;
     assert!(!denied.status.success(), "only operators archive");
-    let said = stdout_of(
-        &lienthong(&[
-            "audit",
-            "archive",
-            "--endpoint",
-            &hub.endpoint,
-            "--as",
-            PROVINCE,
-            "--up-to",
-            "12",
-        ])
-        .await,
-    );
+    let said = stdout_of(&archive_ledger(&hub.endpoint, PROVINCE, 12).await);
     let archive = hub
         .files
         .data_dir()

@@ -1343,19 +1343,7 @@ mod faults {
         let archive = files
             .data_dir()
             .join("ledger-archive/ledger-000000000000-000000000008.jsonl");
-        let said = stdout_of(
-            &lienthong(&[
-                "audit",
-                "archive",
-                "--endpoint",
-                &hub.endpoint,
-                "--as",
-                PROVINCE,
-                "--up-to",
-                "8",
-            ])
-            .await,
-        );
+        let said = stdout_of(&archive_ledger(&hub.endpoint, PROVINCE, 8).await);
         assert!(said.contains("archived records 0..8"), "{said}");
         hub.kill().await;
         let cut = disk.cut_power(Unsynced::Lost);

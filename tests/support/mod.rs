@@ -669,6 +669,23 @@ pub async fn verify_exported_ledger(file: &Path, public_key_hex: &str) -> String
     stdout_of(&lienthong(&["audit", "verify", path, "--public-key", public_key_hex]).await)
 }
 
+/// `lienthong audit archive` of the ledger up to the checkpoint at or below `up_to`, asked
+/// as `identity`.
+pub async fn archive_ledger(endpoint: &str, identity: &str, up_to: u64) -> std::process::Output {
+    let up_to = up_to.to_string();
+    let args = [
+        "audit",
+        "archive",
+        "--endpoint",
+        endpoint,
+        "--as",
+        identity,
+        "--up-to",
+        &up_to,
+    ];
+    lienthong(&args).await
+}
+
 /// The hub's own check of its ledger (`Audit.VerifyLedger`), asked as the auditor.
 pub async fn verify_ledger(endpoint: &str) -> wire::VerifyLedgerResponse {
     lienthong::client::connect_audit(endpoint, AUDITOR)
