@@ -22,10 +22,8 @@ const MAX_QUEUE_ITEMS: usize = 64;
 #[cfg(any(test, feature = "lock_free_delays"))]
 const N_SHARDS: usize = 2;
 
-// 8, not sled's 256: a shard gets 1/N of the cache, and one large leaf evicted everything else
-// in a shard of 64 KiB (vendor/sled/PATCHES.md, change 6).
 #[cfg(not(any(test, feature = "lock_free_delays")))]
-const N_SHARDS: usize = 8;
+const N_SHARDS: usize = 256;
 
 struct AccessBlock {
     len: AtomicUsize,
