@@ -690,8 +690,7 @@ mod faults {
         tokio::time::sleep(Duration::from_millis(300)).await;
         rabbitmqctl(&["stop_app"]);
         tokio::time::sleep(Duration::from_secs(2)).await;
-        rabbitmqctl(&["start_app"]);
-        rabbitmqctl(&["await_startup"]);
+        start_rabbitmq_app(&scenario.files.prefix).await;
         wait_for(load).await;
         scenario.finish("rabbitmq-restart", 0).await;
     }
@@ -1403,8 +1402,7 @@ mod faults {
             || async { http_get(&readyz, "/readyz").await.0 == 503 },
         )
         .await;
-        rabbitmqctl(&["start_app"]);
-        rabbitmqctl(&["await_startup"]);
+        start_rabbitmq_app(&hub.files.prefix).await;
         eventually(
             "readiness returns with RabbitMQ",
             Duration::from_secs(30),

@@ -740,6 +740,29 @@ pub fn rabbitmqctl_output(args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// Starts RabbitMQ's application again after `stop_app`, and waits until it is up and the
+/// queues whose names start with `prefix` (there must be some) are all `running`. RabbitMQ 3.10 has been seen to leave
+/// quorum queues `down` after `start_app` (every consumer then fails with `INTERNAL_ERROR`,
+/// `noproc`, which no hub can mend until RabbitMQ is restarted in full); this fails at once,
+/// saying so, where a scenario would wait for minutes and fail on its own timeout.
+pub async fn start_rabbitmq_app(prefix: &str) {
+    rabbitmqctl(&["start_app"]);
+    rabbitmqctl(&["await_startup"]);
+    let what = format!(
+        "the queues of {prefix} are running again after start_app (if they stay down, restart RabbitMQ in full: rabbitmqctl stop, rabbitmq-server -detached, make clean-test-queues)"
+    );
+    eventually(&what, Duration::from_secs(60), || async {
+        let listed = rabbitmqctl_output(&["list_queues", "name", "state", "--no-table-headers"]);
+        let states: Vec<Option<&str>> = listed
+            .lines()
+            .filter(|line| line.starts_with(prefix))
+            .map(|line| line.split_whitespace().nth(1))
+            .collect();
+        !states.is_empty() && states.iter().all(|state| *state == Some("running"))
+    })
+    .await;
+}
+
 /// Messages in one of a test hub's RabbitMQ queues.
 pub async fn amqp_queue_depth(queue: &str) -> u32 {
     let connection =
