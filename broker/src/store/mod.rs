@@ -1554,24 +1554,21 @@ pub(crate) fn sync_directory(directory: &Path) -> std::io::Result<()> {
     std::fs::File::open(directory)?.sync_all()
 }
 
-/// Creates `directory` and its missing parents so that they survive a power cut: the directory
-/// holding each new name is synced, and `directory`'s own parent always (a name created by an
-/// earlier attempt that stopped before its sync is made durable now).
+/// Creates `directory` and its missing parents so that they survive a power cut: after
+/// creating them, syncs the directory that holds each new one. Nothing is synced for a
+/// directory that exists already (its parent may not even be readable by the hub).
 pub(crate) fn create_directory_durably(directory: &Path) -> std::io::Result<()> {
-    let parent_of = |path: &Path| match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let mut created: Vec<PathBuf> = directory
+    let missing: Vec<PathBuf> = directory
         .ancestors()
-        .skip(1)
         .take_while(|ancestor| !ancestor.as_os_str().is_empty() && !ancestor.exists())
         .map(Path::to_owned)
         .collect();
     std::fs::create_dir_all(directory)?;
-    created.insert(0, directory.to_owned());
-    for name in created {
-        sync_directory(&parent_of(&name))?;
+    for created in missing {
+        match created.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => sync_directory(parent)?,
+            _ => sync_directory(Path::new("."))?,
+        }
     }
     Ok(())
 }
