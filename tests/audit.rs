@@ -10,28 +10,6 @@ use std::path::Path;
 use support::*;
 use tonic::Code;
 
-/// Sends documents and settles them, so that the ledger holds receipts of every common kind.
-async fn exchange_some_documents(hub: &TestHub, documents: usize) -> Vec<String> {
-    let mut commune = hub.client(COMMUNE).await;
-    let mut district = hub.client(DISTRICT).await;
-    let mut ids = Vec::new();
-    for n in 0..documents {
-        ids.push(
-            send(
-                &mut commune,
-                document(COMMUNE, &[DISTRICT], &format!("công văn {n}")),
-            )
-            .await,
-        );
-    }
-    let mut stream = open_stream(&mut district).await;
-    for _ in 0..documents {
-        let delivery = next_delivery(&mut stream).await;
-        ack(&mut district, &delivery).await;
-    }
-    ids
-}
-
 async fn audit_client(hub: &TestHub, identity: &str) -> lienthong::client::AuditClient {
     lienthong::client::connect_audit(&hub.endpoint, identity)
         .await
@@ -68,7 +46,7 @@ async fn every_way_of_tampering_with_an_export_is_found_where_it_happened() {
         ..HubOptions::new(TransportKind::Embedded)
     };
     let hub = TestHub::start("ledger-export", options).await;
-    exchange_some_documents(&hub, 6).await;
+    exchange_some_documents(&hub.endpoint, 6).await;
     let info = settled_ledger(&hub.endpoint).await;
     assert!(info.size >= 24, "4 receipts per document: {}", info.size);
 
@@ -215,7 +193,7 @@ async fn every_way_of_tampering_with_an_export_is_found_where_it_happened() {
 #[tokio::test]
 async fn a_proof_verifies_offline_and_a_wrong_one_fails() {
     let hub = TestHub::start("ledger-proof", HubOptions::new(TransportKind::Embedded)).await;
-    let ids = exchange_some_documents(&hub, 3).await;
+    let ids = exchange_some_documents(&hub.endpoint, 3).await;
     let info = settled_ledger(&hub.endpoint).await;
     let mut commune = hub.client(COMMUNE).await;
     let acknowledged = track(&mut commune, &ids[1]).await.recipients[0]
@@ -285,7 +263,7 @@ async fn a_proof_verifies_offline_and_a_wrong_one_fails() {
 #[tokio::test]
 async fn the_audit_service_answers_auditors_and_parties_only() {
     let hub = TestHub::start("ledger-access", HubOptions::new(TransportKind::Embedded)).await;
-    let ids = exchange_some_documents(&hub, 2).await;
+    let ids = exchange_some_documents(&hub.endpoint, 2).await;
     settled_ledger(&hub.endpoint).await;
     let mut auditor = audit_client(&hub, AUDITOR).await;
     let all = auditor
@@ -388,11 +366,11 @@ async fn the_audit_service_answers_auditors_and_parties_only() {
 #[tokio::test]
 async fn the_ledger_continues_intact_after_a_restart() {
     let hub = TestHub::start("ledger-restart", HubOptions::new(TransportKind::Embedded)).await;
-    exchange_some_documents(&hub, 2).await;
+    exchange_some_documents(&hub.endpoint, 2).await;
     let before = settled_ledger(&hub.endpoint).await;
     let files = hub.stop().await;
     let hub = TestHub::start_with(files, HubOptions::new(TransportKind::Embedded)).await;
-    exchange_some_documents(&hub, 2).await;
+    exchange_some_documents(&hub.endpoint, 2).await;
     let after = settled_ledger(&hub.endpoint).await;
     assert_eq!(
         after.public_key, before.public_key,
@@ -486,7 +464,7 @@ async fn an_archived_range_verifies_from_its_file_and_the_rest_from_the_hub() {
         ..HubOptions::new(TransportKind::Embedded)
     };
     let hub = TestHub::start("ledger-archive", options).await;
-    exchange_some_documents(&hub, 5).await;
+    exchange_some_documents(&hub.endpoint, 5).await;
     let info = settled_ledger(&hub.endpoint).await;
     assert!(info.size >= 20, "{}", info.size);
     let key = hex::encode(&info.public_key);
@@ -528,7 +506,7 @@ async fn an_archived_range_verifies_from_its_file_and_the_rest_from_the_hub() {
         "listing starts after the archive"
     );
 
-    exchange_some_documents(&hub, 2).await;
+    exchange_some_documents(&hub.endpoint, 2).await;
     let after = settled_ledger(&hub.endpoint).await;
     assert_eq!(after.archived_before, 8);
     let check = auditor

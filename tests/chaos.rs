@@ -1090,6 +1090,13 @@ mod faults {
         drop(disk);
     }
 
+    /// `fsync` of the file or directory at `path`: of a directory, it makes its names durable.
+    fn fsync(path: &std::path::Path) {
+        std::fs::File::open(path)
+            .and_then(|file| file.sync_all())
+            .unwrap_or_else(|error| panic!("fsync {}: {error}", path.display()));
+    }
+
     /// The disk the power-cut scenarios stand on. Before the cut, what the processes wrote is
     /// what they read; after it, a file holds what `fdatasync` or `fsync` made durable and
     /// nothing written later, under the names its directory had when last synced: a rename
@@ -1102,11 +1109,6 @@ mod faults {
         let mount_point = dir.path().join("disk");
         let disk = PowerCutDisk::mount(&mount_point);
         let at = |name: &str| mount_point.join(name);
-        let sync_directory = |path: &std::path::Path| {
-            std::fs::File::open(path)
-                .and_then(|directory| directory.sync_all())
-                .expect("sync a directory")
-        };
         let mut synced = std::fs::File::create(at("synced")).expect("create");
         synced.write_all(b"kept").expect("write");
         synced.sync_data().expect("fdatasync");
@@ -1119,13 +1121,11 @@ mod faults {
         }
         std::fs::create_dir(at("inner")).expect("mkdir");
         std::fs::write(at("inner/file"), b"inner").expect("write");
-        std::fs::File::open(at("inner/file"))
-            .and_then(|file| file.sync_all())
-            .expect("fsync");
-        sync_directory(&at("inner"));
-        sync_directory(&mount_point);
+        fsync(&at("inner/file"));
+        fsync(&at("inner"));
+        fsync(&mount_point);
         std::fs::rename(at("moved"), at("moved-and-synced")).expect("rename");
-        sync_directory(&mount_point);
+        fsync(&mount_point);
         std::fs::rename(at("staged"), at("renamed")).expect("rename");
         std::fs::write(at("never-synced"), b"written and closed").expect("write");
         let mut unnamed = std::fs::File::create(at("unnamed")).expect("create");
@@ -1167,9 +1167,7 @@ mod faults {
         let mount_point = dir.path().join("disk");
         let disk = PowerCutDisk::mount(&mount_point);
         let file = std::fs::File::create(mount_point.join("log")).expect("create");
-        std::fs::File::open(&mount_point)
-            .and_then(|directory| directory.sync_all())
-            .expect("sync the directory");
+        fsync(&mount_point);
         use std::os::unix::fs::FileExt;
         file.write_all_at(&[1u8; SIZE], 0).expect("write");
         file.sync_data().expect("fdatasync");
@@ -1327,17 +1325,7 @@ mod faults {
         let files = HubFiles::create("chaos_power_directories", &options);
         let disk = PowerCutDisk::mount(&files.dir.path().join("disk"));
         let hub = HubProcess::start(&files, &options).await;
-        let mut commune = hub.client(COMMUNE).await;
-        let mut district = hub.client(DISTRICT).await;
-        for n in 0..3 {
-            let subject = format!("công văn {n}");
-            send(&mut commune, document(COMMUNE, &[DISTRICT], &subject)).await;
-        }
-        let mut stream = open_stream(&mut district).await;
-        for _ in 0..3 {
-            ack(&mut district, &next_delivery(&mut stream).await).await;
-        }
-        drop(stream);
+        exchange_some_documents(&hub.endpoint, 3).await;
         let key = hex::encode(settled_ledger(&hub.endpoint).await.public_key);
         let archive = files
             .data_dir()

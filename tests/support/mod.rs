@@ -662,6 +662,34 @@ pub async fn lienthong(args: &[&str]) -> std::process::Output {
         .expect("run the lienthong binary")
 }
 
+/// Sends `documents` documents from the commune to the district of the hub at `endpoint`, and
+/// has the district receive and acknowledge them, so that the ledger holds receipts of every
+/// common kind; returns their ids.
+pub async fn exchange_some_documents(endpoint: &str, documents: usize) -> Vec<String> {
+    let mut commune = connect(endpoint, COMMUNE)
+        .await
+        .expect("connect as the commune");
+    let mut district = connect(endpoint, DISTRICT)
+        .await
+        .expect("connect as the district");
+    let mut ids = Vec::new();
+    for n in 0..documents {
+        ids.push(
+            send(
+                &mut commune,
+                document(COMMUNE, &[DISTRICT], &format!("công văn {n}")),
+            )
+            .await,
+        );
+    }
+    let mut stream = open_stream(&mut district).await;
+    for _ in 0..documents {
+        let delivery = next_delivery(&mut stream).await;
+        ack(&mut district, &delivery).await;
+    }
+    ids
+}
+
 /// What `lienthong audit verify` says of the exported ledger `file` (it must verify) against
 /// the hub's public key in hex.
 pub async fn verify_exported_ledger(file: &Path, public_key_hex: &str) -> String {
@@ -741,10 +769,11 @@ pub fn rabbitmqctl_output(args: &[&str]) -> String {
 }
 
 /// Starts RabbitMQ's application again after `stop_app`, and waits until it is up and the
-/// queues whose names start with `prefix` (there must be some) are all `running`. RabbitMQ 3.10 has been seen to leave
-/// quorum queues `down` after `start_app` (every consumer then fails with `INTERNAL_ERROR`,
-/// `noproc`, which no hub can mend until RabbitMQ is restarted in full); this fails at once,
-/// saying so, where a scenario would wait for minutes and fail on its own timeout.
+/// queues whose names start with `prefix` (there must be some) are all `running`. RabbitMQ
+/// 3.10 has been seen to leave quorum queues `down` after `start_app` (every consumer then
+/// fails with `INTERNAL_ERROR`, `noproc`, which no hub can mend until RabbitMQ is restarted in
+/// full); this fails at once, saying so, where a scenario would wait for minutes and fail on
+/// its own timeout.
 pub async fn start_rabbitmq_app(prefix: &str) {
     rabbitmqctl(&["start_app"]);
     rabbitmqctl(&["await_startup"]);

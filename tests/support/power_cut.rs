@@ -107,12 +107,8 @@ impl PowerCutDisk {
                 cut.lost += node.unsynced.len();
                 continue;
             };
-            let durable = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(self.durable.join(inode.to_string()))
-                .expect("open a durable file");
+            let durable =
+                open_durable_contents(&self.durable, *inode).expect("open a durable file");
             for change in &node.unsynced {
                 cut.apply_some(&durable, change, rng);
             }
@@ -313,7 +309,7 @@ impl State {
             } else {
                 // Copied, not moved: a file renamed from one synced directory to another can
                 // be durable under both names.
-                match std::fs::copy(contents.join(entry.inode.to_string()), &path) {
+                match std::fs::copy(durable_contents(contents, entry.inode), &path) {
                     Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                         File::create(&path)
                             .map(drop)
@@ -390,11 +386,7 @@ impl SyncTrackingFs {
         if changes.is_empty() {
             return Ok(());
         }
-        let durable = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(self.durable.join(inode.0.to_string()))?;
+        let durable = open_durable_contents(&self.durable, inode.0)?;
         for change in changes {
             match change {
                 Change::Write { offset, data } => durable.write_all_at(&data, offset)?,
@@ -403,6 +395,20 @@ impl SyncTrackingFs {
         }
         Ok(())
     }
+}
+
+/// Where the durable contents of the file `inode` are kept, under `durable/`.
+fn durable_contents(durable: &Path, inode: u64) -> PathBuf {
+    durable.join(inode.to_string())
+}
+
+/// The durable contents of the file `inode`, opened for writing (created empty if missing).
+fn open_durable_contents(durable: &Path, inode: u64) -> std::io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(durable_contents(durable, inode))
 }
 
 fn attributes(inode: u64, metadata: &std::fs::Metadata) -> FileAttr {
