@@ -10,12 +10,6 @@ use std::path::Path;
 use support::*;
 use tonic::Code;
 
-async fn audit_client(hub: &TestHub, identity: &str) -> lienthong::client::AuditClient {
-    lienthong::client::connect_audit(&hub.endpoint, identity)
-        .await
-        .expect("connect to Audit")
-}
-
 fn lines_of(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .expect("read the export")
@@ -248,7 +242,7 @@ async fn a_proof_verifies_offline_and_a_wrong_one_fails() {
     assert!(lienthong::cli::audit::verify_proof(&text, &[9u8; 32]).is_err());
 
     // A stranger to the document may not.
-    let denied = audit_client(&hub, COMMUNE_2)
+    let denied = audit_client(&hub.endpoint, COMMUNE_2)
         .await
         .get_proof(wire::GetProofRequest {
             index: 0,
@@ -265,7 +259,7 @@ async fn the_audit_service_answers_auditors_and_parties_only() {
     let hub = TestHub::start("ledger-access", HubOptions::new(TransportKind::Embedded)).await;
     let ids = exchange_some_documents(&hub.endpoint, 2).await;
     settled_ledger(&hub.endpoint).await;
-    let mut auditor = audit_client(&hub, AUDITOR).await;
+    let mut auditor = audit_client(&hub.endpoint, AUDITOR).await;
     let all = auditor
         .list_receipts(wire::ListReceiptsRequest {
             page_size: 3,
@@ -307,7 +301,7 @@ async fn the_audit_service_answers_auditors_and_parties_only() {
         "{verified:?}"
     );
 
-    let mut sender = audit_client(&hub, COMMUNE).await;
+    let mut sender = audit_client(&hub.endpoint, COMMUNE).await;
     let own = sender
         .list_receipts(wire::ListReceiptsRequest {
             document_id: ids[0].clone(),
@@ -335,7 +329,7 @@ async fn the_audit_service_answers_auditors_and_parties_only() {
         assert_eq!(denied.code(), Code::PermissionDenied);
         assert!(denied.message().contains(COMMUNE), "{}", denied.message());
     }
-    let mut neighbour = audit_client(&hub, COMMUNE_2).await;
+    let mut neighbour = audit_client(&hub.endpoint, COMMUNE_2).await;
     let denied = neighbour
         .list_receipts(wire::ListReceiptsRequest {
             document_id: ids[0].clone(),
@@ -354,7 +348,7 @@ async fn the_audit_service_answers_auditors_and_parties_only() {
         .await
         .expect_err("agencies do not export the ledger");
     assert_eq!(denied.code(), Code::PermissionDenied);
-    let operator_is_not_auditor = audit_client(&hub, PROVINCE)
+    let operator_is_not_auditor = audit_client(&hub.endpoint, PROVINCE)
         .await
         .verify_ledger(wire::VerifyLedgerRequest::default())
         .await
@@ -382,12 +376,7 @@ async fn the_ledger_continues_intact_after_a_restart() {
         before.size,
         after.size
     );
-    let verified = audit_client(&hub, AUDITOR)
-        .await
-        .verify_ledger(wire::VerifyLedgerRequest::default())
-        .await
-        .expect("verify")
-        .into_inner();
+    let verified = verify_ledger(&hub.endpoint).await;
     assert!(verified.ok, "{verified:?}");
     assert_eq!(verified.records_checked, after.size);
     hub.finish().await;
@@ -429,7 +418,7 @@ async fn recalls_and_revocations_are_visible_on_the_original() {
     assert_eq!(reference.from, COMMUNE);
 
     settled_ledger(&hub.endpoint).await;
-    let statuses = audit_client(&hub, AUDITOR)
+    let statuses = audit_client(&hub.endpoint, AUDITOR)
         .await
         .list_receipts(wire::ListReceiptsRequest {
             document_id: original.clone(),
@@ -483,7 +472,7 @@ async fn an_archived_range_verifies_from_its_file_and_the_rest_from_the_hub() {
     let said = verify_exported_ledger(&archive, &key).await;
     assert!(said.contains("ok: 8 records"), "{said}");
 
-    let mut auditor = audit_client(&hub, AUDITOR).await;
+    let mut auditor = audit_client(&hub.endpoint, AUDITOR).await;
     let gone = auditor
         .get_proof(wire::GetProofRequest {
             index: 3,

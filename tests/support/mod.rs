@@ -498,9 +498,7 @@ pub fn free_port() -> u16 {
 /// Waits until every receipt written so far is in the ledger of the hub at `endpoint` and
 /// covered by a checkpoint, and nothing more arrives for a moment; returns the ledger's info.
 pub async fn settled_ledger(endpoint: &str) -> wire::GetLedgerInfoResponse {
-    let audit = lienthong::client::connect_audit(endpoint, AUDITOR)
-        .await
-        .expect("connect to Audit");
+    let audit = audit_client(endpoint, AUDITOR).await;
     let info = || {
         let mut audit = audit.clone();
         async move {
@@ -714,11 +712,17 @@ pub async fn archive_ledger(endpoint: &str, identity: &str, up_to: u64) -> std::
     lienthong(&args).await
 }
 
-/// The hub's own check of its ledger (`Audit.VerifyLedger`), asked as the auditor.
-pub async fn verify_ledger(endpoint: &str) -> wire::VerifyLedgerResponse {
-    lienthong::client::connect_audit(endpoint, AUDITOR)
+/// A client of the `Audit` service of the hub at `endpoint`, as `identity`.
+pub async fn audit_client(endpoint: &str, identity: &str) -> lienthong::client::AuditClient {
+    lienthong::client::connect_audit(endpoint, identity)
         .await
         .expect("connect to Audit")
+}
+
+/// The hub's own check of its ledger (`Audit.VerifyLedger`), asked as the auditor.
+pub async fn verify_ledger(endpoint: &str) -> wire::VerifyLedgerResponse {
+    audit_client(endpoint, AUDITOR)
+        .await
         .verify_ledger(wire::VerifyLedgerRequest::default())
         .await
         .expect("verify the ledger")
