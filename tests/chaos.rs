@@ -1351,6 +1351,137 @@ mod faults {
         hub.kill().await;
     }
 
+    /// sled reuses a log segment once every page in it has a newer copy elsewhere. The newer
+    /// copies must be durable before the segment is written again: a power cut that keeps the
+    /// segment's new contents but loses the copies would take pages that were durable with it.
+    /// A writer process rewrites every key in rounds, flushing after each but the last few,
+    /// and is killed; the power fails, keeping part of what was not synced. sled must open
+    /// what the disk kept with every key at a value of its last flushed round or later. The
+    /// seed is printed; `LIENTHONG_POWER_CUT_SEED` replays one.
+    #[test]
+    fn a_reused_segment_keeps_what_was_durable_through_a_power_cut() {
+        if let Some(path) = std::env::var_os(SLED_WRITER) {
+            write_rounds_until_killed(std::path::Path::new(&path));
+        }
+        use std::io::BufRead;
+        let seed = std::env::var("LIENTHONG_POWER_CUT_SEED")
+            .ok()
+            .and_then(|seed| seed.parse().ok())
+            .unwrap_or_else(rand::random);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mount_point = dir.path().join("disk");
+        let disk = PowerCutDisk::mount(&mount_point);
+        let mut writer = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "faults::a_reused_segment_keeps_what_was_durable_through_a_power_cut",
+                "--exact",
+                "--nocapture",
+            ])
+            .env(SLED_WRITER, &mount_point)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the writer");
+        let said = std::io::BufReader::new(writer.stdout.take().expect("the writer's stdout"));
+        let (mut durable_round, mut longest_log, mut written) = (None, 0, false);
+        for line in said.lines() {
+            let line = line.expect("the writer's stdout");
+            match line.strip_prefix(WRITER_SAYS) {
+                Some("written") => {
+                    written = true;
+                    break;
+                }
+                Some(said) => {
+                    let (round, log_bytes) = said.split_once(' ').expect("round and log length");
+                    durable_round = round.parse::<usize>().ok();
+                    longest_log = longest_log.max(log_bytes.parse::<u64>().expect("log length"));
+                }
+                None => {}
+            }
+        }
+        writer.kill().expect("kill the writer");
+        writer.wait().expect("the writer's end");
+        let cut = disk.cut_power(Unsynced::PartlyKept { seed });
+        println!(
+            "the power failed with rounds flushed through {durable_round:?}, sled's log at most {longest_log} bytes when flushed, seed {seed}: {cut:?}"
+        );
+        assert!(written, "the writer stopped before its last round");
+        assert_eq!(durable_round, Some(ROUNDS - UNSYNCED_ROUNDS - 1));
+        let flushed_bytes = ((ROUNDS - UNSYNCED_ROUNDS) * KEYS * VALUE_BYTES) as u64;
+        assert!(
+            longest_log < flushed_bytes / 2,
+            "segments were reused: the log reached {longest_log} bytes for {flushed_bytes} of values flushed"
+        );
+
+        let db = sled::Config::new()
+            .path(&mount_point)
+            .segment_size(SEGMENT_BYTES)
+            .open()
+            .unwrap_or_else(|error| panic!("sled opens what the disk kept (seed {seed}): {error}"));
+        let durable_round = ROUNDS - UNSYNCED_ROUNDS - 1;
+        for key in 0..KEYS {
+            let value = db
+                .get(key.to_be_bytes())
+                .expect("read")
+                .unwrap_or_else(|| panic!("key {key} is gone (seed {seed})"));
+            let round = (durable_round..ROUNDS).find(|round| value == round_value(key, *round));
+            assert!(
+                round.is_some(),
+                "key {key} holds {:?}, not a value of round {durable_round} or later (seed {seed})",
+                String::from_utf8_lossy(&value[..value.len().min(16)])
+            );
+        }
+    }
+
+    /// Set to the writer's database path in the process that
+    /// `a_reused_segment_keeps_what_was_durable_through_a_power_cut` starts.
+    const SLED_WRITER: &str = "LIENTHONG_SLED_WRITER";
+    /// What the writer's lines start with, among the test harness's.
+    const WRITER_SAYS: &str = "sled writer: ";
+    const KEYS: usize = 2_000;
+    const VALUE_BYTES: usize = 500;
+    const ROUNDS: usize = 20;
+    /// The last rounds, not flushed.
+    const UNSYNCED_ROUNDS: usize = 3;
+    /// Small, so that the rounds fill and free many segments.
+    const SEGMENT_BYTES: usize = 64 * 1024;
+
+    fn round_value(key: usize, round: usize) -> Vec<u8> {
+        let mut value = format!("{key:05}:{round:02}:").into_bytes();
+        value.resize(VALUE_BYTES, b'a' + round as u8);
+        value
+    }
+
+    /// The writer: each round sets every key, then flushes (the last [`UNSYNCED_ROUNDS`] do not)
+    /// and says which round is durable and how long the log is; then waits to be killed.
+    fn write_rounds_until_killed(path: &std::path::Path) -> ! {
+        let db = sled::Config::new()
+            .path(path)
+            .segment_size(SEGMENT_BYTES)
+            .flush_every_ms(None)
+            .open()
+            .expect("open sled");
+        // sled syncs neither its configuration nor the names it creates.
+        fsync(&path.join("conf"));
+        fsync(path);
+        for round in 0..ROUNDS {
+            for key in 0..KEYS {
+                db.insert(key.to_be_bytes(), round_value(key, round))
+                    .expect("insert");
+            }
+            if round < ROUNDS - UNSYNCED_ROUNDS {
+                db.flush().expect("flush");
+                let log_bytes = std::fs::metadata(path.join("db"))
+                    .expect("sled's log")
+                    .len();
+                println!("{WRITER_SAYS}{round} {log_bytes}");
+            }
+        }
+        println!("{WRITER_SAYS}written");
+        loop {
+            std::thread::park();
+        }
+    }
+
     /// The recipient's "received" (01) on `document_id`.
     fn received_status(document_id: &str) -> wire::StatusReport {
         wire::StatusReport {

@@ -753,7 +753,7 @@ impl Store {
         let last_chain = self.chain_before(to)?;
         ledger.meta.insert(ARCHIVED_CHAIN, last_chain.to_vec())?;
         ledger.meta.insert(ARCHIVED_BEFORE, &to.to_be_bytes())?;
-        self.inner.durable_flush.run()?;
+        self.inner.db.flush()?;
         for index in from..to {
             let Some(record) = self.ledger_record(index)? else {
                 continue;
@@ -767,7 +767,7 @@ impl Store {
             }
             ledger.records.remove(index.to_be_bytes())?;
         }
-        self.inner.durable_flush.run()?;
+        self.inner.db.flush()?;
         Ok(Archive {
             path,
             from,

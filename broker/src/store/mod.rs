@@ -213,7 +213,6 @@ struct StoreInner {
     accept_queue: std::sync::Mutex<Vec<QueuedDocument>>,
     group_commit: Arc<GroupCommit>,
     flusher: tokio::task::AbortHandle,
-    durable_flush: DurableFlush,
 }
 
 impl Drop for StoreInner {
@@ -269,13 +268,6 @@ impl Store {
             .and_then(|conf| conf.sync_all())
             .and_then(|()| sync_directory(data_dir))
             .map_err(|error| open_error(sled::Error::Io(error)))?;
-        let durable_flush = DurableFlush {
-            db: db.clone(),
-            log: Arc::new(
-                std::fs::File::open(data_dir.join("db"))
-                    .map_err(|error| open_error(sled::Error::Io(error)))?,
-            ),
-        };
         let tree = |name: &str| db.open_tree(name).map_err(open_error);
         let outbox = tree("outbox")?;
         let receipts = tree("receipts")?;
@@ -295,7 +287,7 @@ impl Store {
         let group_commit = Arc::new(GroupCommit::new());
         let flusher = tokio::spawn(GroupCommit::run(
             group_commit.clone(),
-            durable_flush.clone(),
+            db.clone(),
             receipts.clone(),
             watermark,
         ))
@@ -324,7 +316,6 @@ impl Store {
                 accept_queue: std::sync::Mutex::new(Vec::new()),
                 group_commit,
                 flusher,
-                durable_flush,
                 db,
                 data_dir: data_dir.to_owned(),
             }),
@@ -1653,26 +1644,6 @@ fn receipts_end(receipts: &sled::Tree) -> Result<u64, StoreError> {
 /// hub whose database can no longer write.
 const IDLE_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// What makes the database's writes durable: sled's flush, then an `fdatasync` of its log file.
-/// sled's flush writes its log buffers with `pwrite` and `sync_file_range`, which reaches the
-/// disk with data pages but neither the file's size nor the disk's write cache: enough for a
-/// killed process, not for a power cut. sled's own thread `fsync`s the log only every 500 ms.
-#[derive(Debug, Clone)]
-struct DurableFlush {
-    db: sled::Db,
-    /// sled's log, `data_dir/db`, opened for its syncs.
-    log: Arc<std::fs::File>,
-}
-
-impl DurableFlush {
-    /// Blocks until every write made before the call is on disk.
-    fn run(&self) -> Result<(), sled::Error> {
-        self.db.flush()?;
-        self.log.sync_data()?;
-        Ok(())
-    }
-}
-
 /// Groups the flushes of concurrent writers: each waiter takes a ticket after its write, and one
 /// flush that starts after a ticket was taken makes that ticket's write durable.
 #[derive(Debug)]
@@ -1728,13 +1699,9 @@ impl GroupCommit {
         }
     }
 
-    /// Flushes ([`DurableFlush`]) for the writers that wait.
-    async fn run(
-        this: Arc<GroupCommit>,
-        durable_flush: DurableFlush,
-        receipts: sled::Tree,
-        watermark: Watermark,
-    ) {
+    /// Flushes for the writers that wait. sled's flush (vendor/sled, PATCHES.md 6) writes the
+    /// log buffers and ends with an `fdatasync` of the log: what it covered survives a power cut.
+    async fn run(this: Arc<GroupCommit>, db: sled::Db, receipts: sled::Tree, watermark: Watermark) {
         // The flush and the watermark's write wait for the disk, so both run on a blocking
         // thread: a disk that stalls then holds back the writers that wait for it, not the
         // async workers that serve everything else.
@@ -1750,10 +1717,10 @@ impl GroupCommit {
             }
             // Taken before the flush starts, so the flush covers the receipt it names.
             let high = receipts_end(&receipts).map_or(0, |end| end.saturating_sub(1));
-            let durable_flush = durable_flush.clone();
+            let db = db.clone();
             let watermark = watermark.clone();
             let flushed = tokio::task::spawn_blocking(move || {
-                durable_flush.run()?;
+                db.flush()?;
                 watermark
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)

@@ -309,6 +309,11 @@ pub(crate) struct IoBufs {
     // file, and there may be buffers that have been written out-of-order
     // to stable storage due to interesting thread interleavings.
     pub stable_lsn: AtomicLsn,
+    // The highest log sequence number that an `fdatasync` of the log
+    // file has made durable: everything up to it survives a power cut.
+    // Segment headers record this one, so that a segment is reused only
+    // after what replaced its pages has reached the disk.
+    pub durable_lsn: AtomicLsn,
     pub max_reserved_lsn: AtomicLsn,
     pub max_header_stable_lsn: Arc<AtomicLsn>,
     pub segment_accountant: Mutex<SegmentAccountant>,
@@ -386,6 +391,13 @@ impl IoBufs {
         // of our file has not yet been written.
         let stable = next_lsn - 1;
 
+        // what recovery read may be only in the operating system's cache
+        // (the last process was killed before it synced): make it durable
+        // before any segment is reused on the strength of it.
+        if !config.temporary {
+            config.file.sync_data()?;
+        }
+
         // the tip offset is not completely full yet, reuse it
         let base = assert_usize(next_lid % segment_size as LogOffset);
 
@@ -412,6 +424,7 @@ impl IoBufs {
             interval_updated: Condvar::new(),
 
             stable_lsn: AtomicLsn::new(stable),
+            durable_lsn: AtomicLsn::new(stable),
             max_reserved_lsn: AtomicLsn::new(stable),
             max_header_stable_lsn: Arc::new(AtomicLsn::new(next_lsn)),
             segment_accountant: Mutex::new(segment_accountant),
@@ -519,6 +532,23 @@ impl IoBufs {
     pub(in crate::pagecache) fn stable(&self) -> Lsn {
         debug_delay();
         self.stable_lsn.load(Acquire)
+    }
+
+    /// Returns the last offset an `fdatasync` made durable.
+    pub(in crate::pagecache) fn durable(&self) -> Lsn {
+        self.durable_lsn.load(Acquire)
+    }
+
+    /// Makes everything written to the log so far durable (`fdatasync`),
+    /// and records how far that reaches.
+    pub(crate) fn sync(&self) -> Result<()> {
+        if self.config.temporary {
+            return Ok(());
+        }
+        let written = self.stable();
+        self.config.file.sync_data()?;
+        bump_atomic_lsn(&self.durable_lsn, written);
+        Ok(())
     }
 
     // Adds a header to the front of the buffer
@@ -727,34 +757,12 @@ impl IoBufs {
         #[cfg(not(feature = "io_uring"))]
         {
             let f = &self.config.file;
+            // No wait for the device here: a written buffer is stable
+            // (readable, and kept if the process dies) once `pwrite`
+            // returns, and durable once `sync` covers it. What must not
+            // outrun the disk, the reuse of a segment, waits for
+            // `durable_lsn` through the segment headers.
             pwrite_all(f, data, log_offset)?;
-            if !self.config.temporary {
-                #[cfg(target_os = "linux")]
-                {
-                    use std::os::unix::io::AsRawFd;
-                    let ret = unsafe {
-                        libc::sync_file_range(
-                            f.as_raw_fd(),
-                            i64::try_from(log_offset).unwrap(),
-                            i64::try_from(total_len).unwrap(),
-                            libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                                | libc::SYNC_FILE_RANGE_WRITE
-                                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-                        )
-                    };
-                    if ret < 0 {
-                        let err = std::io::Error::last_os_error();
-                        if let Some(libc::ENOSYS) = err.raw_os_error() {
-                            f.sync_all()?;
-                        } else {
-                            return Err(err.into());
-                        }
-                    }
-                }
-
-                #[cfg(not(target_os = "linux"))]
-                f.sync_all()?;
-            }
         }
         io_fail!(self, "buffer write post");
 
@@ -1018,7 +1026,9 @@ pub(in crate::pagecache) fn flush(iobufs: &Arc<IoBufs>) -> Result<usize> {
         let _cc = concurrency_control::read();
         iobufs.max_reserved_lsn.load(Acquire)
     };
-    make_stable(iobufs, max_reserved_lsn)
+    let written = make_stable(iobufs, max_reserved_lsn)?;
+    iobufs.sync()?;
+    Ok(written)
 }
 
 /// Attempt to seal the current IO buffer, possibly
@@ -1149,7 +1159,7 @@ fn seal_and_write_iobuf(
             stored_max_stable_lsn: -1,
         };
 
-        next_iobuf.store_segment_header(sealed, next_lsn, iobufs.stable());
+        next_iobuf.store_segment_header(sealed, next_lsn, iobufs.durable());
 
         next_iobuf
     } else {
