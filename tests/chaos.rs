@@ -1236,12 +1236,18 @@ mod faults {
     /// printed; `LIENTHONG_POWER_CUT_SEED` replays one.
     #[tokio::test]
     async fn the_power_fails_mid_load_with_part_of_the_unsynced_writes_kept() {
-        let seed = std::env::var("LIENTHONG_POWER_CUT_SEED")
-            .ok()
-            .and_then(|seed| seed.parse().ok())
-            .unwrap_or_else(rand::random);
+        let seed = power_cut_seed();
         let unsynced = Unsynced::PartlyKept { seed };
         power_fails_mid_load(TransportKind::Amqp, "power-cut-partial", unsynced).await;
+    }
+
+    /// The seed of a power cut that keeps part of what was not synced: `LIENTHONG_POWER_CUT_SEED`
+    /// when set (to replay one), a random one otherwise.
+    fn power_cut_seed() -> u64 {
+        std::env::var("LIENTHONG_POWER_CUT_SEED")
+            .ok()
+            .and_then(|seed| seed.parse().ok())
+            .unwrap_or_else(rand::random)
     }
 
     async fn power_fails_mid_load(kind: TransportKind, name: &str, unsynced: Unsynced) {
@@ -1364,10 +1370,7 @@ mod faults {
             write_rounds_until_killed(std::path::Path::new(&path));
         }
         use std::io::BufRead;
-        let seed = std::env::var("LIENTHONG_POWER_CUT_SEED")
-            .ok()
-            .and_then(|seed| seed.parse().ok())
-            .unwrap_or_else(rand::random);
+        let seed = power_cut_seed();
         let dir = tempfile::tempdir().expect("tempdir");
         let mount_point = dir.path().join("disk");
         let disk = PowerCutDisk::mount(&mount_point);
@@ -1382,7 +1385,7 @@ mod faults {
             .spawn()
             .expect("start the writer");
         let said = std::io::BufReader::new(writer.stdout.take().expect("the writer's stdout"));
-        let (mut durable_round, mut longest_log, mut written) = (None, 0, false);
+        let (mut said_durable, mut longest_log, mut written) = (None, 0, false);
         for line in said.lines() {
             let line = line.expect("the writer's stdout");
             match line.strip_prefix(WRITER_SAYS) {
@@ -1392,7 +1395,7 @@ mod faults {
                 }
                 Some(said) => {
                     let (round, log_bytes) = said.split_once(' ').expect("round and log length");
-                    durable_round = round.parse::<usize>().ok();
+                    said_durable = round.parse::<usize>().ok();
                     longest_log = longest_log.max(log_bytes.parse::<u64>().expect("log length"));
                 }
                 None => {}
@@ -1402,11 +1405,12 @@ mod faults {
         writer.wait().expect("the writer's end");
         let cut = disk.cut_power(Unsynced::PartlyKept { seed });
         println!(
-            "the power failed with rounds flushed through {durable_round:?}, sled's log at most {longest_log} bytes when flushed, seed {seed}: {cut:?}"
+            "the power failed with rounds flushed through {said_durable:?}, sled's log at most {longest_log} bytes when flushed, seed {seed}: {cut:?}"
         );
         assert!(written, "the writer stopped before its last round");
-        assert_eq!(durable_round, Some(ROUNDS - UNSYNCED_ROUNDS - 1));
-        let flushed_bytes = ((ROUNDS - UNSYNCED_ROUNDS) * KEYS * VALUE_BYTES) as u64;
+        let durable_round = ROUNDS - UNSYNCED_ROUNDS - 1;
+        assert_eq!(said_durable, Some(durable_round));
+        let flushed_bytes = ((durable_round + 1) * KEYS * VALUE_BYTES) as u64;
         assert!(
             longest_log < flushed_bytes / 2,
             "segments were reused: the log reached {longest_log} bytes for {flushed_bytes} of values flushed"
@@ -1417,7 +1421,6 @@ mod faults {
             .segment_size(SEGMENT_BYTES)
             .open()
             .unwrap_or_else(|error| panic!("sled opens what the disk kept (seed {seed}): {error}"));
-        let durable_round = ROUNDS - UNSYNCED_ROUNDS - 1;
         for key in 0..KEYS {
             let value = db
                 .get(key.to_be_bytes())

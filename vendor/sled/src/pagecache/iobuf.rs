@@ -391,13 +391,6 @@ impl IoBufs {
         // of our file has not yet been written.
         let stable = next_lsn - 1;
 
-        // what recovery read may be only in the operating system's cache
-        // (the last process was killed before it synced): make it durable
-        // before any segment is reused on the strength of it.
-        if !config.temporary {
-            config.file.sync_data()?;
-        }
-
         // the tip offset is not completely full yet, reuse it
         let base = assert_usize(next_lid % segment_size as LogOffset);
 
@@ -415,7 +408,7 @@ impl IoBufs {
             iobuf.store_segment_header(0, next_lsn, stable);
         }
 
-        Ok(IoBufs {
+        let iobufs = IoBufs {
             config,
 
             iobuf: AtomicPtr::new(Arc::into_raw(Arc::new(iobuf)) as *mut IoBuf),
@@ -434,7 +427,14 @@ impl IoBufs {
             submission_mutex: Mutex::new(()),
             #[cfg(feature = "io_uring")]
             io_uring: rio::new()?,
-        })
+        };
+
+        // what recovery read may be only in the operating system's cache
+        // (the last process was killed before it synced): make it durable
+        // before any segment is reused on the strength of it.
+        iobufs.sync()?;
+
+        Ok(iobufs)
     }
 
     pub(in crate::pagecache) fn sa_mark_link(
