@@ -1864,4 +1864,48 @@ mod tests {
         );
         assert_eq!(tree.get("dropped").expect("get"), None);
     }
+
+    /// sled writes a sealed log buffer on the next thread that waits for the log (vendor/sled,
+    /// PATCHES.md 7), not on a thread of its own. A read of a page that the cache dropped
+    /// before anything flushed waits for the log too: it must write what is queued and find
+    /// every value, not wait for a writer that never comes.
+    #[test]
+    fn a_page_read_back_before_any_flush_is_found() {
+        const KEYS: u32 = 4_000;
+        let value = |key: u32| vec![(key % 251) as u8; 600];
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().to_owned();
+        // On a thread of its own, so that a wait for a writer that never comes fails the test.
+        let (found, reader) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let db = sled::Config::new()
+                .path(path)
+                .cache_capacity(64 * 1024)
+                .flush_every_ms(None)
+                .open()
+                .expect("open");
+            let tree = db.open_tree("values").expect("tree");
+            for batch in (0..KEYS).collect::<Vec<_>>().chunks(100) {
+                tree.transaction(|tx| {
+                    for &key in batch {
+                        tx.set(&key.to_be_bytes(), value(key));
+                    }
+                    Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+                })
+                .expect("transaction");
+            }
+            let wrong = (0..KEYS)
+                .filter(|key| {
+                    let read = tree.get(key.to_be_bytes()).expect("get");
+                    read.as_deref() != Some(&value(*key)[..])
+                })
+                .count();
+            drop((tree, db));
+            let _ = found.send(wrong);
+        });
+        let wrong = reader
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the writes and reads ended within 30 s");
+        assert_eq!(wrong, 0, "keys read back wrong or missing");
+    }
 }

@@ -319,6 +319,11 @@ pub(crate) struct IoBufs {
     pub segment_accountant: Mutex<SegmentAccountant>,
     pub segment_cleaner: SegmentCleaner,
     deferred_segment_ops: stack::Stack<SegmentOp>,
+    // Sealed buffers that no writer holds any more, waiting to be written
+    // by the next thread that waits for the log (`make_stable_inner`: a
+    // flush, or a read of a page that is only in the log), so that sealing
+    // a buffer hands nothing to another thread.
+    unwritten: Mutex<Vec<Arc<IoBuf>>>,
     #[cfg(feature = "io_uring")]
     pub submission_mutex: Mutex<()>,
     #[cfg(feature = "io_uring")]
@@ -423,6 +428,7 @@ impl IoBufs {
             segment_accountant: Mutex::new(segment_accountant),
             segment_cleaner,
             deferred_segment_ops: stack::Stack::default(),
+            unwritten: Mutex::new(Vec::new()),
             #[cfg(feature = "io_uring")]
             submission_mutex: Mutex::new(()),
             #[cfg(feature = "io_uring")]
@@ -549,6 +555,47 @@ impl IoBufs {
         self.config.file.sync_data()?;
         bump_atomic_lsn(&self.durable_lsn, written);
         Ok(())
+    }
+
+    /// Queues a sealed buffer that no writer holds any more, to be written
+    /// by the next thread that waits for the log, and wakes any that waits.
+    pub(in crate::pagecache) fn queue_write(&self, iobuf: Arc<IoBuf>) {
+        self.unwritten.lock().push(iobuf);
+
+        // having held the mutex makes this linearized with a waiter's check
+        // of `unwritten` before it sleeps.
+        let intervals = self.intervals.lock();
+        drop(intervals);
+
+        let _notified = self.interval_updated.notify_all();
+    }
+
+    /// Writes the queued buffers on this thread, lowest LSN first. Returns
+    /// whether there were any.
+    fn write_queued(&self) -> Result<bool> {
+        let mut queued = std::mem::take(&mut *self.unwritten.lock());
+        if queued.is_empty() {
+            return Ok(false);
+        }
+        queued.sort_unstable_by_key(|iobuf| iobuf.lsn);
+        for iobuf in queued {
+            if let Err(e) = self.write_to_log(&iobuf) {
+                error!(
+                    "hit error while writing iobuf with lsn {}: {:?}",
+                    iobuf.lsn, e
+                );
+                self.config.set_global_error(e.clone());
+
+                // having held the mutex makes this linearized
+                // with the notify below.
+                let intervals = self.intervals.lock();
+                drop(intervals);
+
+                let _notified = self.interval_updated.notify_all();
+                return Err(e);
+            }
+        }
+        Ok(true)
     }
 
     // Adds a header to the front of the buffer
@@ -932,6 +979,11 @@ pub(in crate::pagecache) fn make_stable_inner(
             return Err(e);
         }
 
+        if iobufs.write_queued()? {
+            stable = iobufs.stable();
+            continue;
+        }
+
         let iobuf = iobufs.current_iobuf();
         let header = iobuf.get_header();
         if header::offset(header) == 0
@@ -978,6 +1030,12 @@ pub(in crate::pagecache) fn make_stable_inner(
         }
 
         if stable < lsn {
+            if !iobufs.unwritten.lock().is_empty() {
+                // queued after the check at the top of the loop: write it
+                // rather than wait for a thread that will not come.
+                continue;
+            }
+
             trace!("waiting on cond var for make_stable({})", lsn);
 
             if cfg!(feature = "event_log") {
@@ -1204,10 +1262,6 @@ fn seal_and_write_iobuf(
     // if writers is 0, it's our responsibility to write the buffer.
     if header::n_writers(sealed) == 0 {
         iobufs.config.global_error()?;
-        trace!(
-            "asynchronously writing iobuf with lsn {} to log from maybe_seal",
-            lsn
-        );
         if write_here {
             let result = iobufs.write_to_log(&iobuf);
             if let Err(e) = &result {
@@ -1218,31 +1272,8 @@ fn seal_and_write_iobuf(
             }
             return result;
         }
-        let iobufs = iobufs.clone();
-        let iobuf = iobuf.clone();
-        let _result = threadpool::spawn(move || {
-            if let Err(e) = iobufs.write_to_log(&iobuf) {
-                error!(
-                    "hit error while writing iobuf with lsn {}: {:?}",
-                    lsn, e
-                );
-
-                // store error before notifying so that waiting threads will see
-                // it
-                iobufs.config.set_global_error(e);
-
-                let intervals = iobufs.intervals.lock();
-
-                // having held the mutex makes this linearized
-                // with the notify below.
-                drop(intervals);
-
-                let _notified = iobufs.interval_updated.notify_all();
-            }
-        })?;
-
-        #[cfg(feature = "event_log")]
-        _result.wait();
+        trace!("queueing iobuf with lsn {} for writing from maybe_seal", lsn);
+        iobufs.queue_write(iobuf.clone());
 
         Ok(())
     } else {

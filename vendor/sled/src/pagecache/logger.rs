@@ -427,23 +427,11 @@ impl Log {
                 return Err(e);
             }
 
-            let lsn = iobuf.lsn;
             trace!(
-                "asynchronously writing iobuf with lsn {} \
-                 to log from exit_reservation",
-                lsn
+                "queueing iobuf with lsn {} for writing from exit_reservation",
+                iobuf.lsn
             );
-            let iobufs = self.iobufs.clone();
-            let iobuf = iobuf.clone();
-            threadpool::spawn(move || {
-                if let Err(e) = iobufs.write_to_log(&iobuf) {
-                    error!(
-                        "hit error while writing iobuf with lsn {}: {:?}",
-                        lsn, e
-                    );
-                    iobufs.config.set_global_error(e);
-                }
-            })?;
+            self.iobufs.queue_write(iobuf.clone());
 
             Ok(())
         } else {
