@@ -1384,10 +1384,28 @@ mod faults {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("start the writer");
-        let said = std::io::BufReader::new(writer.stdout.take().expect("the writer's stdout"));
+        // Read on a thread of its own, so that a writer that hangs is killed, not waited for.
+        let (said_line, said) = std::sync::mpsc::channel();
+        let stdout = std::io::BufReader::new(writer.stdout.take().expect("the writer's stdout"));
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                if said_line.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = std::time::Instant::now() + WRITER_TIME_LIMIT;
         let (mut said_durable, mut longest_log, mut written) = (None, 0, false);
-        for line in said.lines() {
-            let line = line.expect("the writer's stdout");
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = match said.recv_timeout(left) {
+                Ok(line) => line,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = writer.kill();
+                    panic!("the writer did not finish its rounds within {WRITER_TIME_LIMIT:?}");
+                }
+            };
             match line.strip_prefix(WRITER_SAYS) {
                 Some("written") => {
                     written = true;
@@ -1447,6 +1465,8 @@ mod faults {
     const UNSYNCED_ROUNDS: usize = 3;
     /// Small, so that the rounds fill and free many segments.
     const SEGMENT_BYTES: usize = 64 * 1024;
+    /// The writer takes well under a second; one that hangs is killed after this.
+    const WRITER_TIME_LIMIT: Duration = Duration::from_secs(60);
 
     fn round_value(key: usize, round: usize) -> Vec<u8> {
         let mut value = format!("{key:05}:{round:02}:").into_bytes();
