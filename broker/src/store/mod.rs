@@ -1650,6 +1650,9 @@ const IDLE_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(
 struct GroupCommit {
     requested: AtomicU64,
     flushed: watch::Sender<Flushed>,
+    /// Cancelled once a flush has failed, for whoever waits only for that: `flushed` wakes its
+    /// receivers at every flush, several times per document.
+    failed: tokio_util::sync::CancellationToken,
     wake: Notify,
 }
 
@@ -1667,6 +1670,7 @@ impl GroupCommit {
         GroupCommit {
             requested: AtomicU64::new(0),
             flushed: watch::Sender::new(Flushed::default()),
+            failed: tokio_util::sync::CancellationToken::new(),
             wake: Notify::new(),
         }
     }
@@ -1687,16 +1691,8 @@ impl GroupCommit {
 
     /// Resolves with the reason once a flush has failed.
     async fn failure(&self) -> String {
-        let mut flushed = self.flushed.subscribe();
-        let failure = flushed
-            .wait_for(|flushed| flushed.failure.is_some())
-            .await
-            .map(|flushed| flushed.failure.clone().unwrap_or_default());
-        match failure {
-            Ok(failure) => failure,
-            // The committer is gone with the store: nothing can fail any more.
-            Err(_) => std::future::pending().await,
-        }
+        self.failed.cancelled().await;
+        self.flushed.borrow().failure.clone().unwrap_or_default()
     }
 
     /// Flushes for the writers that wait. sled's flush (vendor/sled, PATCHES.md 6) writes the
@@ -1745,6 +1741,7 @@ impl GroupCommit {
             tracing::error!(%failure, "flushing the database failed; no write can be made durable any more");
             this.flushed
                 .send_modify(|flushed| flushed.failure = Some(failure));
+            this.failed.cancel();
             return;
         }
     }
