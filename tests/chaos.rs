@@ -1029,6 +1029,14 @@ mod faults {
         let files = HubFiles::create("chaos_low", &options);
         let disk = LoopDisk::mount(&files.data_dir());
         let mut hub = HubProcess::start(&files, &options).await;
+        // Serving gRPC comes before the connection to RabbitMQ: ready first, so that the
+        // readiness asserted below the floor is the floor's doing.
+        eventually(
+            "the hub is ready before its disk runs low",
+            Duration::from_secs(30),
+            || async { http_get(&options.http_listen, "/readyz").await.0 == 200 },
+        )
+        .await;
         let mut commune = hub.client(COMMUNE).await;
         let mut district = hub.client(DISTRICT).await;
         let before = send(
