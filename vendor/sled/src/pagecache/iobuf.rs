@@ -561,9 +561,20 @@ impl IoBufs {
     /// by the next thread that waits for the log, and wakes any that waits.
     pub(in crate::pagecache) fn queue_write(&self, iobuf: Arc<IoBuf>) {
         self.unwritten.lock().push(iobuf);
+        self.wake_waiters();
+    }
 
-        // having held the mutex makes this linearized with a waiter's check
-        // of `unwritten` before it sleeps.
+    /// Records a failed log write, so that every later write and wait fails
+    /// with it, and wakes the threads waiting for the log to see it.
+    fn fail_write(&self, e: &Error) {
+        self.config.set_global_error(e.clone());
+        self.wake_waiters();
+    }
+
+    /// Wakes every thread waiting for the log in `make_stable_inner`.
+    /// Having held the mutex makes this linearized with a waiter's checks
+    /// (of `unwritten`, of the global error) before it sleeps.
+    fn wake_waiters(&self) {
         let intervals = self.intervals.lock();
         drop(intervals);
 
@@ -584,14 +595,7 @@ impl IoBufs {
                     "hit error while writing iobuf with lsn {}: {:?}",
                     iobuf.lsn, e
                 );
-                self.config.set_global_error(e.clone());
-
-                // having held the mutex makes this linearized
-                // with the notify below.
-                let intervals = self.intervals.lock();
-                drop(intervals);
-
-                let _notified = self.interval_updated.notify_all();
+                self.fail_write(&e);
                 return Err(e);
             }
         }
@@ -1259,16 +1263,13 @@ fn seal_and_write_iobuf(
 
     drop(measure_assign_offset);
 
-    // if writers is 0, it's our responsibility to write the buffer.
+    // if writers is 0, it's our responsibility to write or queue the buffer.
     if header::n_writers(sealed) == 0 {
         iobufs.config.global_error()?;
         if write_here {
             let result = iobufs.write_to_log(&iobuf);
             if let Err(e) = &result {
-                iobufs.config.set_global_error(e.clone());
-                let intervals = iobufs.intervals.lock();
-                drop(intervals);
-                let _notified = iobufs.interval_updated.notify_all();
+                iobufs.fail_write(e);
             }
             return result;
         }
