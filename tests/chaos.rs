@@ -1365,6 +1365,41 @@ mod faults {
         hub.kill().await;
     }
 
+    /// `lienthong certs init` makes keys that exist nowhere else: once it has returned, a power
+    /// cut keeps every file it wrote, whole, in the directories it created for them.
+    #[test]
+    fn development_certificates_survive_a_power_cut() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mount_point = dir.path().join("disk");
+        let disk = PowerCutDisk::mount(&mount_point);
+        let hub: lienthong::agency::AgencyCode = PROVINCE.parse().expect("code");
+        let made = lienthong::tls::init_certificates(
+            &mount_point.join("etc/certs"),
+            &hub,
+            &test_agencies(),
+        )
+        .expect("development certificates");
+        let mut files = vec![made.ca.clone(), made.hub.cert_file, made.hub.key_file];
+        files.push(made.ca.with_file_name("ca-key.pem"));
+        for (_, certificate, key) in made.agencies {
+            files.extend([certificate, key]);
+        }
+        let written: Vec<Vec<u8>> = files
+            .iter()
+            .map(|file| std::fs::read(file).expect("read before the cut"))
+            .collect();
+
+        let cut = disk.cut_power(Unsynced::Lost);
+        assert_eq!((cut.lost, cut.names_lost), (0, 0), "not synced: {cut:?}");
+        for (file, before) in files.iter().zip(&written) {
+            let after = std::fs::read(file).unwrap_or_else(|error| {
+                panic!("{} after the cut: {error} ({cut:?})", file.display())
+            });
+            assert!(after == *before, "{} changed in the cut", file.display());
+            assert!(!after.is_empty(), "{} is empty", file.display());
+        }
+    }
+
     /// sled reuses a log segment once every page in it has a newer copy elsewhere. The newer
     /// copies must be durable before the segment is written again: a power cut that keeps the
     /// segment's new contents but loses the copies would take pages that were durable with it.
