@@ -150,6 +150,32 @@ async fn routes_by_agency_code_in_order<T: Transport>(transport: &T) {
     assert_quiet(&mut commune).await;
 }
 
+/// A message of many frames (the hub asks RabbitMQ for 32 KiB frames) arrives whole, in one
+/// delivery.
+async fn a_message_larger_than_a_frame_arrives_whole<T: Transport>(transport: &T) {
+    let mut district = transport
+        .subscribe(&code(DISTRICT), 16)
+        .await
+        .expect("subscribe");
+    let payload: Vec<u8> = (0..300 * 1024).map(|n: u32| (n % 251) as u8).collect();
+    transport
+        .publish(OutboundMessage {
+            routing_key: DISTRICT,
+            message_id: "large",
+            payload: &payload,
+            traceparent: "",
+        })
+        .await
+        .expect("publish confirmed");
+    let message = next(&mut district).await;
+    assert_eq!(message.payload.len(), payload.len());
+    assert!(
+        message.payload[..] == payload[..],
+        "the payload arrives unchanged"
+    );
+    message.acker.ack().await.expect("ack");
+}
+
 async fn unroutable_publishes_fail<T: Transport>(transport: &T) {
     let error = transport
         .publish(OutboundMessage {
@@ -301,6 +327,7 @@ macro_rules! conformance {
 }
 
 conformance!(routes_by_agency_code_in_order);
+conformance!(a_message_larger_than_a_frame_arrives_whole);
 conformance!(unroutable_publishes_fail);
 conformance!(unsettled_messages_return_redelivered);
 conformance!(acknowledged_messages_are_gone);

@@ -33,6 +33,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
 /// How long closing a session waits for RabbitMQ's answer on each connection.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// The largest AMQP frame the hub asks for, unless the URL names one (`?frame_max=`). lapin
+/// keeps a send and a receive buffer of 32 frames per connection: 4 MiB each at RabbitMQ's
+/// 128 KiB, 1 MiB each at this size. A 16 KiB document still travels in one frame.
+const FRAME_MAX_BYTES: u32 = 32 * 1024;
 
 /// Settings of the RabbitMQ transport.
 #[derive(Clone)]
@@ -525,8 +529,13 @@ async fn open_connection(
         identity: None,
         cert_chain: settings.ca_pem.clone(),
     };
-    let connection = Connection::connect_with_config(
-        &settings.url,
+    let mut uri: lapin::uri::AMQPUri = settings
+        .url
+        .parse()
+        .map_err(|reason: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, reason))?;
+    uri.query.frame_max.get_or_insert(FRAME_MAX_BYTES);
+    let connection = Connection::connect_uri_with_config(
+        uri,
         ConnectionProperties::default()
             .with_connection_name(LongString::from(format!("lienthong {role}"))),
         tls,
@@ -705,4 +714,44 @@ pub async fn delete_topology(
     }
     connection.close(200, "topology deleted".into()).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The RabbitMQ the tests use (`LIENTHONG_TEST_AMQP_URL`, default the local guest account).
+    fn amqp_url() -> String {
+        std::env::var("LIENTHONG_TEST_AMQP_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    }
+
+    async fn negotiated_frame_max(url: String) -> u32 {
+        let settings = AmqpSettings {
+            url,
+            ca_pem: None,
+            names: TopologyNames::new("frame-max"),
+            agencies: Vec::new(),
+            delivery_limit: 0,
+        };
+        let connection = open_connection(&settings, "frame size test", &CancellationToken::new())
+            .await
+            .expect("RabbitMQ at LIENTHONG_TEST_AMQP_URL (default 127.0.0.1:5672) is reachable");
+        let frame_max = connection.configuration().frame_max();
+        connection
+            .close(200, "frame size read".into())
+            .await
+            .expect("close");
+        frame_max
+    }
+
+    /// The hub asks RabbitMQ for frames of [`FRAME_MAX_BYTES`] (RabbitMQ offers 128 KiB), which
+    /// sizes lapin's buffers; a `frame_max` in the URL wins.
+    #[tokio::test]
+    async fn connections_use_the_hubs_frame_size_unless_the_url_names_one() {
+        assert_eq!(negotiated_frame_max(amqp_url()).await, FRAME_MAX_BYTES);
+        let separator = if amqp_url().contains('?') { '&' } else { '?' };
+        let named = format!("{}{separator}frame_max=65536", amqp_url());
+        assert_eq!(negotiated_frame_max(named).await, 65_536);
+    }
 }
