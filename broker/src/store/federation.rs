@@ -16,7 +16,6 @@ use crate::receipt::ReceiptKind;
 use lienthong_proto::v1 as wire;
 use prost::Message;
 use sled::Transactional;
-use std::sync::atomic::Ordering;
 
 const RELAY_CURSOR: &[u8] = b"cursor";
 
@@ -142,7 +141,7 @@ impl Store {
                 Ok(Acceptance::AlreadyAccepted(accepted))
             }
             None => {
-                inner.outbox_len.fetch_add(1, Ordering::Relaxed);
+                inner.outbox_len.raise(1);
                 Ok(Acceptance::Accepted(vec![accepted]))
             }
         }
@@ -213,9 +212,7 @@ impl Store {
             Ok(())
         });
         unwrap_transaction(result)?;
-        inner
-            .outbox_len
-            .fetch_add(entries.len() as u64, Ordering::Relaxed);
+        inner.outbox_len.raise(entries.len() as u64);
         Ok(())
     }
 }

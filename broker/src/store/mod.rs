@@ -41,7 +41,7 @@ use prost::Message;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError};
 use tokio::sync::{Notify, watch};
 
@@ -208,7 +208,7 @@ struct StoreInner {
     /// Receipt sequence numbers handed out, and those whose transactions may still commit.
     receipt_seqs: Arc<ReceiptSeqs>,
     ledger: ledger::LedgerTrees,
-    outbox_len: AtomicU64,
+    outbox_len: OutboxCount,
     /// Documents waiting to be recorded together ([`Store::accept_document`]).
     accept_queue: std::sync::Mutex<Vec<QueuedDocument>>,
     group_commit: Arc<GroupCommit>,
@@ -283,7 +283,7 @@ impl Store {
                 found,
             });
         }
-        let outbox_len = AtomicU64::new(outbox.len() as u64);
+        let outbox_len = OutboxCount::new(outbox.len() as u64);
         let group_commit = Arc::new(GroupCommit::new());
         let flusher = tokio::spawn(GroupCommit::run(
             group_commit.clone(),
@@ -352,7 +352,7 @@ impl Store {
 
     /// Messages waiting in the outbox.
     pub fn outbox_len(&self) -> u64 {
-        self.inner.outbox_len.load(Ordering::Relaxed)
+        self.inner.outbox_len.get()
     }
 
     /// Takes custody of a validated document: records it, queues one outbox entry per recipient
@@ -515,9 +515,7 @@ impl Store {
         existing: Option<sled::IVec>,
     ) -> Result<Acceptance, StoreError> {
         let Some(existing) = existing else {
-            self.inner
-                .outbox_len
-                .fetch_add(document.outbox.len() as u64, Ordering::Relaxed);
+            self.inner.outbox_len.raise(document.outbox.len() as u64);
             return Ok(Acceptance::Accepted(document.accepted));
         };
         let existing = wire::StoredDocument::decode(&*existing).map_err(corrupt("documents"))?;
@@ -607,9 +605,7 @@ impl Store {
         if !unwrap_transaction(result)? {
             return Ok(Vec::new());
         }
-        inner
-            .outbox_len
-            .fetch_add(recipients.len() as u64, Ordering::Relaxed);
+        inner.outbox_len.raise(recipients.len() as u64);
         Ok(receipts)
     }
 
@@ -777,7 +773,7 @@ impl Store {
                 Ok(removed)
             });
         let removed = unwrap_transaction(result)?;
-        inner.outbox_len.fetch_sub(removed, Ordering::Relaxed);
+        inner.outbox_len.lower(removed);
         Ok(())
     }
 
@@ -1172,7 +1168,7 @@ impl Store {
                 receipts.extend(receipt);
             }
         }
-        inner.outbox_len.fetch_add(replayed, Ordering::Relaxed);
+        inner.outbox_len.raise(replayed);
         Ok((replayed, receipts))
     }
 
@@ -1631,6 +1627,33 @@ impl Watermark {
     }
 }
 
+/// The number of entries in the outbox, kept in memory. What adds entries raises it after its
+/// transaction commits, and a confirm lowers it after its own; a publisher that takes and
+/// confirms an entry between the commit and the raise takes the count below zero for that
+/// moment, and it then reads as zero.
+#[derive(Debug)]
+struct OutboxCount(AtomicI64);
+
+impl OutboxCount {
+    fn new(entries: u64) -> Self {
+        OutboxCount(AtomicI64::new(i64::try_from(entries).unwrap_or(i64::MAX)))
+    }
+
+    fn raise(&self, by: u64) {
+        self.0
+            .fetch_add(i64::try_from(by).unwrap_or(i64::MAX), Ordering::Relaxed);
+    }
+
+    fn lower(&self, by: u64) {
+        self.0
+            .fetch_sub(i64::try_from(by).unwrap_or(i64::MAX), Ordering::Relaxed);
+    }
+
+    fn get(&self) -> u64 {
+        u64::try_from(self.0.load(Ordering::Relaxed)).unwrap_or(0)
+    }
+}
+
 /// One past the highest receipt sequence number in the log; 0 when the log is empty.
 fn receipts_end(receipts: &sled::Tree) -> Result<u64, StoreError> {
     Ok(receipts
@@ -1792,6 +1815,84 @@ mod tests {
             .collect();
         assert_eq!(left, [second[0].message_id.clone()]);
         assert_eq!(store.outbox_len(), 1);
+    }
+
+    /// A confirm counted before the acceptance it follows reads as an empty outbox, and the
+    /// count is right again once the acceptance is counted.
+    #[test]
+    fn an_outbox_count_lowered_before_it_was_raised_reads_zero() {
+        let count = OutboxCount::new(2);
+        count.lower(3);
+        assert_eq!(count.get(), 0);
+        count.raise(3);
+        assert_eq!(count.get(), 2);
+    }
+
+    /// The outbox's count rises after an acceptance's transaction and falls after a confirm's.
+    /// A publisher that takes and confirms a document between the two must leave the count at
+    /// zero for that moment, not wrapped to 2^64 minus a few: `Send` compares it with the
+    /// outbox's bound and would refuse every document.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_confirm_recorded_before_its_acceptance_counted_does_not_wrap_the_outbox_count() {
+        const DOCUMENTS: u64 = 10_000;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hub: AgencyCode = "000.00.00.H53".parse().expect("code");
+        let store = Store::open(dir.path(), &hub).expect("open");
+        let limits = crate::document::DocumentLimits {
+            max_document_bytes: 4096,
+            max_recipients: 4,
+            max_attachments: 1,
+            max_attachment_bytes: 1024,
+            max_field_bytes: 64,
+        };
+        let accepting = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let publisher = {
+            let (store, accepting) = (store.clone(), accepting.clone());
+            std::thread::spawn(move || {
+                let mut highest = 0;
+                let mut published = 0;
+                while accepting.load(Ordering::SeqCst) || published < DOCUMENTS {
+                    let batch = store.outbox_batch(64, |_| false).expect("a batch");
+                    store
+                        .mark_enqueued(&batch.iter().collect::<Vec<_>>(), 1_000)
+                        .expect("confirms recorded");
+                    published += batch.len() as u64;
+                    highest = highest.max(store.outbox_len());
+                }
+                highest
+            })
+        };
+        let mut sends = tokio::task::JoinSet::new();
+        for n in 0..DOCUMENTS {
+            let store = store.clone();
+            let wire = wire::Document {
+                from: "000.21.31.H53".into(),
+                to: vec!["000.00.31.H53".into()],
+                subject: "outbox count".into(),
+                code_number: n.to_string(),
+                code_notation: "UBND".into(),
+                ..Default::default()
+            };
+            let document = Document::from_wire(wire, limits, 1_000).expect("a valid document");
+            sends.spawn(async move {
+                store
+                    .accept_document(&document, "", 1_000)
+                    .await
+                    .expect("accepted");
+                store.outbox_len()
+            });
+        }
+        let mut highest = 0;
+        while let Some(count) = sends.join_next().await {
+            highest = highest.max(count.expect("a send"));
+        }
+        accepting.store(false, Ordering::SeqCst);
+        highest = highest.max(publisher.join().expect("the publisher"));
+        assert!(
+            highest <= DOCUMENTS,
+            "the outbox count read {highest} with {DOCUMENTS} documents accepted"
+        );
+        assert_eq!(store.outbox_len(), 0, "every entry was published");
     }
 
     /// A new database keeps log messages up to 2 MiB in sled's log: a value of a megabyte
