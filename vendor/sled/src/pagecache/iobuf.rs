@@ -35,8 +35,25 @@ unsafe impl Send for AlignedBuf {}
 #[allow(unsafe_code)]
 unsafe impl Sync for AlignedBuf {}
 
+/// Log buffers whose segment was written, kept for the next segments (lienthong patch 8). A
+/// buffer is a whole segment, and one freshly allocated comes from the kernel untouched: each
+/// of its pages faulted in as the log was serialized into it, and was unmapped again when it
+/// was freed. A spare's pages are already there. Its contents are stale, as an allocation's
+/// are undefined: sled writes every byte of a buffer that it hands to the disk.
+static SPARE_BUFS: Mutex<Vec<AlignedBuf>> = parking_lot::const_mutex(Vec::new());
+
+/// How many written buffers [`SPARE_BUFS`] keeps: one, as a segment's writes end long before
+/// the next segment fills (two measured the same, and could hold one more segment's memory).
+const MAX_SPARE_BUFS: usize = 1;
+
 impl AlignedBuf {
     fn new(len: usize) -> AlignedBuf {
+        {
+            let mut spares = SPARE_BUFS.lock();
+            if let Some(index) = spares.iter().position(|spare| spare.1 == len) {
+                return spares.swap_remove(index);
+            }
+        }
         let layout = Layout::from_size_align(len, 8192).unwrap();
         let ptr = unsafe { alloc(layout) };
 
@@ -48,6 +65,17 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if self.0.is_null() {
+            return;
+        }
+        {
+            let mut spares = SPARE_BUFS.lock();
+            if spares.len() < MAX_SPARE_BUFS {
+                spares.push(AlignedBuf(self.0, self.1));
+                self.0 = std::ptr::null_mut();
+                return;
+            }
+        }
         let layout = Layout::from_size_align(self.1, 8192).unwrap();
         unsafe {
             dealloc(self.0, layout);
