@@ -150,7 +150,7 @@ async fn routes_by_agency_code_in_order<T: Transport>(transport: &T) {
     assert_quiet(&mut commune).await;
 }
 
-/// A message of many frames (the hub asks RabbitMQ for 32 KiB frames) arrives whole, in one
+/// A message of many frames (the hub asks RabbitMQ for 64 KiB frames) arrives whole, in one
 /// delivery.
 async fn a_message_larger_than_a_frame_arrives_whole<T: Transport>(transport: &T) {
     let mut district = transport

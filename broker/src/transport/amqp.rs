@@ -35,8 +35,10 @@ const SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// The largest AMQP frame the hub asks for, unless the URL names one (`?frame_max=`). lapin
 /// keeps a send and a receive buffer of 32 frames per connection: 4 MiB each at RabbitMQ's
-/// 128 KiB, 1 MiB each at this size. A 16 KiB document still travels in one frame.
-const FRAME_MAX_BYTES: u32 = 32 * 1024;
+/// 128 KiB, 2 MiB each at this size. A 16 KiB document still travels in one frame. Smaller
+/// frames cost memory elsewhere: lapin grows a delivery's body frame by frame, and at 32 KiB
+/// the hub's peak at 256 KiB × 64 senders rose by about 30 MiB (docs/performance.md, 20).
+const FRAME_MAX_BYTES: u32 = 64 * 1024;
 
 /// Settings of the RabbitMQ transport.
 #[derive(Clone)]
@@ -751,7 +753,7 @@ mod tests {
     async fn connections_use_the_hubs_frame_size_unless_the_url_names_one() {
         assert_eq!(negotiated_frame_max(amqp_url()).await, FRAME_MAX_BYTES);
         let separator = if amqp_url().contains('?') { '&' } else { '?' };
-        let named = format!("{}{separator}frame_max=65536", amqp_url());
-        assert_eq!(negotiated_frame_max(named).await, 65_536);
+        let named = format!("{}{separator}frame_max=32768", amqp_url());
+        assert_eq!(negotiated_frame_max(named).await, 32_768);
     }
 }
