@@ -35,24 +35,19 @@ unsafe impl Send for AlignedBuf {}
 #[allow(unsafe_code)]
 unsafe impl Sync for AlignedBuf {}
 
-/// Log buffers whose segment was written, kept for the next segments (lienthong patch 8). A
+/// A log buffer whose segment was written, kept for the next segment (lienthong patch 8). A
 /// buffer is a whole segment, and one freshly allocated comes from the kernel untouched: each
 /// of its pages faulted in as the log was serialized into it, and was unmapped again when it
 /// was freed. A spare's pages are already there. Its contents are stale, as an allocation's
-/// are undefined: sled writes every byte of a buffer that it hands to the disk.
-static SPARE_BUFS: Mutex<Vec<AlignedBuf>> = parking_lot::const_mutex(Vec::new());
-
-/// How many written buffers [`SPARE_BUFS`] keeps: one, as a segment's writes end long before
-/// the next segment fills (two measured the same, and could hold one more segment's memory).
-const MAX_SPARE_BUFS: usize = 1;
+/// are undefined: sled writes every byte of a buffer that it hands to the disk. One is kept,
+/// as a segment's writes end long before the next segment fills (two measured the same, and
+/// could hold one more segment's memory).
+static SPARE_BUF: Mutex<Option<AlignedBuf>> = parking_lot::const_mutex(None);
 
 impl AlignedBuf {
     fn new(len: usize) -> AlignedBuf {
-        {
-            let mut spares = SPARE_BUFS.lock();
-            if let Some(index) = spares.iter().position(|spare| spare.1 == len) {
-                return spares.swap_remove(index);
-            }
+        if let Some(spare) = SPARE_BUF.lock().take_if(|spare| spare.1 == len) {
+            return spare;
         }
         let layout = Layout::from_size_align(len, 8192).unwrap();
         let ptr = unsafe { alloc(layout) };
@@ -69,9 +64,9 @@ impl Drop for AlignedBuf {
             return;
         }
         {
-            let mut spares = SPARE_BUFS.lock();
-            if spares.len() < MAX_SPARE_BUFS {
-                spares.push(AlignedBuf(self.0, self.1));
+            let mut spare = SPARE_BUF.lock();
+            if spare.is_none() {
+                *spare = Some(AlignedBuf(self.0, self.1));
                 self.0 = std::ptr::null_mut();
                 return;
             }
